@@ -1,0 +1,30 @@
+"""ltkd_kernels: fused kernels for knowledge-distillation losses under long-tailed data.
+
+Functional API (``torch.nn.functional`` style) and modules for LTKD, KD, DKD, BKD and SRW,
+with Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``), a C++ CPU backend and a
+pure-PyTorch reference (:mod:`ltkd_kernels.reference`). Importing needs no GPU and no compiler.
+"""
+from . import reference
+from .backends import available_backends, unavailable_reason
+from .functional import bkd_loss, dkd_loss, group_logsumexp, kd_loss, ltkd_loss
+from .groups import class_balanced_weights, groups_from_counts
+from .modules import BKDLoss, DKDLoss, KDLoss, LTKDLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "unavailable_reason",
+    "group_logsumexp",
+    "kd_loss",
+    "ltkd_loss",
+    "dkd_loss",
+    "bkd_loss",
+    "class_balanced_weights",
+    "groups_from_counts",
+    "KDLoss",
+    "LTKDLoss",
+    "DKDLoss",
+    "BKDLoss",
+    "reference",
+]

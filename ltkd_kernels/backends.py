@@ -1,0 +1,87 @@
+"""Which backends can run here, and the choice behind ``backend="auto"``.
+
+- ``"triton"``: the fused Triton kernels; CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (the interpreter: for testing, slow).
+- ``"cpu"``: the fused C++ kernels (``ltkd_kernels/csrc``), CPU tensors.
+- ``"torch"``: the pure-PyTorch reference, anywhere.
+
+``"auto"`` picks Triton for CUDA tensors, the C++ backend for CPU tensors when it can be
+built, and the reference otherwise. A named backend that cannot run raises; it never falls
+back silently.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import List, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu", "torch")
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why ``backend`` cannot run (on ``device`` when given); ``None`` when it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton; Linux only)"
+        if device is None:
+            if torch.cuda.is_available() or _triton_interpret():
+                return None
+            return "no CUDA device, and TRITON_INTERPRET=1 is not set for CPU tensors"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            return None if _triton_interpret() else (
+                "Triton runs CPU tensors only under TRITON_INTERPRET=1 (the interpreter, for "
+                "testing); use backend='cpu' or 'torch' for speed on the CPU")
+        return f"Triton cannot run tensors on device {device}"
+    if backend == "cpu":
+        if device is not None and device.type != "cpu":
+            return f"the C++ CPU backend needs CPU tensors, got device {device}"
+        from . import cpu
+
+        return cpu.unavailable_reason()
+    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that can run here, e.g. ``["torch", "cpu"]``.
+
+    ``unavailable_reason(name)`` says why one is missing.
+    """
+    return [name for name in ("torch", "cpu", "triton") if unavailable_reason(name) is None]
+
+
+def resolve_backend(backend, device: torch.device) -> str:
+    """The backend to use for tensors on ``device``: ``"auto"`` resolved, a named one checked."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and unavailable_reason("triton", device) is None:
+            return "triton"
+        if device.type == "cpu" and unavailable_reason("cpu", device) is None:
+            return "cpu"
+        return "torch"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
+    return backend
+
+
+def grouped_kl_ops(backend: str):
+    """The grouped-KL custom operators of a kernel backend (``"triton"`` or ``"cpu"``)."""
+    if backend == "triton":
+        from .triton import grouped_kl_ops as ops
+        return ops
+    if backend == "cpu":
+        from . import cpu
+
+        return cpu.grouped_kl_ops()
+    raise ValueError(f"no grouped-KL kernels for backend {backend!r}")
