@@ -9,6 +9,7 @@ from .backends import available_backends, unavailable_reason
 from .functional import bkd_loss, dkd_loss, group_logsumexp, kd_loss, ltkd_loss
 from .groups import class_balanced_weights, groups_from_counts
 from .modules import BKDLoss, DKDLoss, KDLoss, LTKDLoss
+from .srw import SRWeighting, srw_weights
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,7 @@ __all__ = [
     "LTKDLoss",
     "DKDLoss",
     "BKDLoss",
+    "srw_weights",
+    "SRWeighting",
     "reference",
 ]

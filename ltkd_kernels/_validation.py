@@ -195,3 +195,33 @@ def check_features(features) -> torch.Tensor:
     if features.dim() not in (2, 3):
         raise ValueError(f"features must have shape (N, D) or (B, P, D), got {tuple(features.shape)}")
     return features
+
+
+def check_feature_mask(mask, features: torch.Tensor) -> Optional[torch.Tensor]:
+    """SRW ``mask``: bool of the features' leading shape (``(N,)`` or ``(B, P)``), True = valid."""
+    if mask is None:
+        return None
+    check_tensor("mask", mask)
+    leading = tuple(features.shape[:-1])
+    if tuple(mask.shape) != leading:
+        raise ValueError(f"mask must have the features' leading shape {leading} "
+                         f"(True = a valid sample or patch), got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {_dtype_name(mask.dtype)}")
+    if mask.device != features.device:
+        raise ValueError(f"mask must be on the features' device {features.device}, "
+                         f"got {mask.device}")
+    return mask
+
+
+def check_srw_arguments(features, tau, mask, eps):
+    """SRW's arguments: ``features`` (``(N, D)`` or ``(B, P, D)``, D >= 1), ``tau > 0``,
+    ``eps > 0``, ``mask`` (see :func:`check_feature_mask`). Returns ``(tau, eps)`` as floats."""
+    check_features(features)
+    if features.shape[-1] < 1:
+        raise ValueError(f"features must have a feature dimension D >= 1, "
+                         f"got shape {tuple(features.shape)}")
+    tau = check_positive("tau", tau)
+    eps = check_positive("eps", eps)
+    check_feature_mask(mask, features)
+    return tau, eps

@@ -126,8 +126,10 @@ def batch_group_mass(p_teacher, valid, process_group=None):
     mass sums and the valid-row count are all-reduced, so every process gets the statistic of
     the concatenated batch. 0 when no row is valid.
     """
-    weights = valid.to(p_teacher.dtype).unsqueeze(-1)
-    packed = torch.cat([(p_teacher.detach() * weights).sum(0), weights.sum().reshape(1)])
+    # where, not a product: a masked row may hold NaN, and NaN * 0 is NaN.
+    valid_mass = torch.where(valid.unsqueeze(-1), p_teacher.detach(), torch.zeros_like(p_teacher))
+    count = valid.sum().to(p_teacher.dtype).reshape(1)
+    packed = torch.cat([valid_mass.sum(0), count])
     if process_group is not None:
         import torch.distributed as dist
 
@@ -191,6 +193,11 @@ def _prepare(student_logits, teacher_logits, sample_weight, mask, reduction, tem
     sw = check_row_tensor("sample_weight", sample_weight, leading, student_logits.device, floating=True)
     mk = check_row_tensor("mask", mask, leading, student_logits.device, boolean=True)
     valid = torch.ones(b.shape[0], dtype=torch.bool, device=b.device) if mk is None else mk.reshape(-1)
+    if mk is not None:
+        # A masked row takes no part at all: whatever it holds (NaN included) never reaches a
+        # loss, a batch statistic or a gradient.
+        b = torch.where(valid.unsqueeze(-1), b, torch.zeros_like(b))
+        a = torch.where(valid.unsqueeze(-1), a, torch.zeros_like(a))
     sw = None if sw is None else sw.reshape(-1).detach()
     return leading, b, a, sw, valid
 
@@ -286,12 +293,57 @@ def bkd_loss(student_logits, teacher_logits, class_weight, *, temperature=2.0, t
     if target is not None:
         t = check_target("target", target, leading, b.shape[-1], b.device).reshape(-1, 1)
         raw = student_logits.reshape(-1, b.shape[-1]).to(b.dtype)
+        raw = torch.where(valid.unsqueeze(-1), raw, torch.zeros_like(raw))
         row_loss = row_loss + (torch.logsumexp(raw, -1) - raw.gather(1, t).squeeze(1))
     return _finish(row_loss, sw, valid, reduction, leading)
 
 
 # --- SRW: sample-wise re-weighting (its own section; see ltkd_kernels/srw.py) ---
+from ._validation import check_srw_arguments  # noqa: E402  (kept inside the SRW section)
+
+
 def srw_weights(features, *, tau=1.0, mask=None, eps=1e-8, backend="torch"):
-    """SRW weights ``w = softmax(-avesim / tau)``; see :func:`ltkd_kernels.srw_weights`."""
-    raise NotImplementedError("srw_weights: the reference is added by the SRW issue")
+    """SRW weights ``w = softmax(-avesim / tau)`` from teacher features, in O(N D).
+
+    ``features``: ``(N, D)`` (one batch; returns ``(N,)``) or ``(B, P, D)`` (each image on its
+    own over its patches; returns ``(B, P)``). ``mask``: optional bool of the leading shape,
+    True = valid; the sums below run over the valid samples ``j`` only (``n`` of them)::
+
+        fh_i     = f_i / max(||f_i||, eps)                 (a zero feature: fh_i = 0)
+        avesim_i = (1/n) sum_j fh_i . fh_j = fh_i . m,     m = (1/n) sum_j fh_j
+        w_i      = exp(-avesim_i / tau) / sum_j exp(-avesim_j / tau)
+
+    The paper's mean over the ``n x n`` cosine matrix is never built: with
+    ``r_i = 1 / max(||f_i||, eps)``, ``m = (1/n) r^T F`` (a ``1 x n`` by ``n x D`` product) and
+    ``avesim_i = r_i (F m)_i`` (``n x D`` by ``D``), so no normalised copy of ``F`` is made and
+    ``F`` is read three times (norms, ``r^T F``, ``F m``), each a streaming BLAS-speed pass.
+
+    Masked samples get weight 0 (their values are never used, NaN included); an image (or
+    batch) with no valid sample gets all-zero weights. Weights sum to 1 per image otherwise,
+    carry no gradient, and are meant for ``L = sum_i w_i l_i``:
+    ``loss_fn(..., sample_weight=w, reduction="sum")``. Computed in float64 for float64
+    features (and returned as float64), in float32 otherwise.
+    """
+    tau, eps = check_srw_arguments(features, tau, mask, eps)
+    dtype = _compute_dtype(features)
+    with torch.no_grad():
+        f = features.detach()
+        f = (f if f.dim() == 3 else f.unsqueeze(0)).to(dtype)
+        if mask is None:
+            valid = torch.ones(f.shape[:-1], dtype=torch.bool, device=f.device)
+        else:
+            valid = mask if mask.dim() == 2 else mask.unsqueeze(0)
+            # Padded patches may hold anything (NaN): zero them so that 0 * NaN cannot leak
+            # into the sums.
+            f = f.masked_fill(~valid.unsqueeze(-1), 0.0)
+        norm = torch.linalg.vector_norm(f, dim=-1)
+        inv_norm = torch.where(valid, 1.0 / norm.clamp_min(eps), torch.zeros_like(norm))
+        count = valid.sum(-1, keepdim=True).clamp_min(1).to(dtype)
+        mean = torch.bmm(inv_norm.unsqueeze(1), f).squeeze(1) / count         # (B, D): m
+        avesim = torch.bmm(f, mean.unsqueeze(-1)).squeeze(-1) * inv_norm     # (B, P)
+        logits = (-avesim / tau).masked_fill(~valid, float("-inf"))
+        weights = torch.softmax(logits, dim=-1)
+        # An image with no valid patch: softmax of all -inf is NaN; its weights are 0.
+        weights = torch.where(valid.any(-1, keepdim=True), weights, torch.zeros_like(weights))
+    return weights.reshape(features.shape[:-1])
 # --- end SRW ---

@@ -42,11 +42,17 @@ def _scaled_logits(student_row_ptr, teacher_row_ptr, teacher_log_weight_ptr, off
 
 
 @triton.jit
+def _finite_or_zero(m):
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _online_group_update(x, one_hot, group_max, group_sum):
     """One block of the per-group online log-sum-exp.
 
     Returns the new running max per group, the rescaled running sum, the rescale factor (for
-    other sums kept at the same reference) and ``exp(x_i - max_{g(i)})`` per element.
+    other sums kept at the same reference), ``exp(x_i - max_{g(i)})`` per element and the
+    element's group max (``-inf`` while the group has no finite logit).
     """
     block_max = tl.max(tl.where(one_hot, x[None, :], float("-inf")), axis=1)
     new_max = tl.maximum(group_max, block_max)
@@ -55,7 +61,7 @@ def _online_group_update(x, one_hot, group_max, group_sum):
     element_max = tl.sum(tl.where(one_hot, new_max[:, None], 0.0), axis=0)
     element_exp = tl.where(x == float("-inf"), 0.0, tl.exp(x - element_max))
     new_sum = group_sum * rescale + tl.sum(tl.where(one_hot, element_exp[None, :], 0.0), axis=1)
-    return new_max, new_sum, rescale, element_exp
+    return new_max, new_sum, rescale, element_exp, element_max
 
 
 @triton.jit
@@ -84,9 +90,14 @@ def grouped_kl_stats_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """Per row, in one read of each logits tensor: the group LSEs of both models and the
-    within-group KLs, ``KL_k = sum_{i in k} pt^T_i (a_i - b_i) + lse^S_k - lse^T_k``, with
-    ``sum pt^T_i (a_i - b_i)`` accumulated online at the teacher's running group max."""
+    """Per row, in one read of each logits tensor: the group LSEs ``lse_k = m_k + log s_k``
+    (running max ``m_k``, sum ``s_k = sum_{i in k} exp(x_i - m_k)``) of both models and the
+    within-group KLs
+
+        KL_k = sum_{i in k} pt^T_i [(a_i - m^T_k) - (b_i - m^S_k)] + log s^S_k - log s^T_k,
+
+    whose sum is accumulated online at the running maxes (shifted when a max moves). Working
+    relative to the maxes keeps the terms small: a one-class group gives exactly 0."""
     row = tl.program_id(0).to(tl.int64)
     group_ids = tl.arange(0, BLOCK_G)
     out_group = row * G + group_ids
@@ -104,7 +115,7 @@ def grouped_kl_stats_kernel(
         sum_student = tl.zeros([BLOCK_G], tl.float32)
         max_teacher = tl.full([BLOCK_G], float("-inf"), tl.float32)
         sum_teacher = tl.zeros([BLOCK_G], tl.float32)
-        # sum_{i in k} exp(a_i - max_teacher_k) (a_i - b_i), at the same reference as sum_teacher
+        # sum_{i in k} exp(a_i - m^T_k) [(a_i - m^T_k) - (b_i - m^S_k)], -inf maxes read as 0
         teacher_weighted_gap = tl.zeros([BLOCK_G], tl.float32)
         raw_max = float("-inf")
         raw_sum = 0.0
@@ -115,12 +126,20 @@ def grouped_kl_stats_kernel(
             one_hot = g[None, :] == group_ids[:, None]
             x, b, a = _scaled_logits(student_row_ptr, teacher_row_ptr, teacher_log_weight_ptr,
                                      offs, in_vocab, inv_temperature, HAS_TEACHER_LOG_WEIGHT)
-            max_student, sum_student, _, _ = _online_group_update(b, one_hot, max_student, sum_student)
-            max_teacher, sum_teacher, rescale_teacher, exp_teacher = _online_group_update(
-                a, one_hot, max_teacher, sum_teacher)
-            # 0 * (a - b) stays 0 where the teacher has no mass, even when a - b is inf or NaN.
-            gap = tl.where(exp_teacher > 0, exp_teacher * (a - b), 0.0)
-            teacher_weighted_gap = teacher_weighted_gap * rescale_teacher + tl.sum(
+            previous_max_student = _finite_or_zero(max_student)
+            previous_max_teacher = _finite_or_zero(max_teacher)
+            max_student, sum_student, _, _, element_max_student = _online_group_update(
+                b, one_hot, max_student, sum_student)
+            previous_sum_teacher = sum_teacher
+            max_teacher, sum_teacher, rescale_teacher, exp_teacher, element_max_teacher = (
+                _online_group_update(a, one_hot, max_teacher, sum_teacher))
+            # Earlier terms were taken at the previous maxes: move them to the new ones.
+            drift = (_finite_or_zero(max_student) - previous_max_student) - (
+                _finite_or_zero(max_teacher) - previous_max_teacher)
+            gap = (a - _finite_or_zero(element_max_teacher)) - (b - _finite_or_zero(element_max_student))
+            # 0 * gap stays 0 where the teacher has no mass, even when the gap is inf or NaN.
+            gap = tl.where(exp_teacher > 0, exp_teacher * gap, 0.0)
+            teacher_weighted_gap = rescale_teacher * (teacher_weighted_gap + previous_sum_teacher * drift) + tl.sum(
                 tl.where(one_hot, gap[None, :], 0.0), axis=1)
             if HAS_CE:
                 new_raw_max = tl.maximum(raw_max, tl.max(x, axis=0))
@@ -130,8 +149,8 @@ def grouped_kl_stats_kernel(
                 raw_max = new_raw_max
         lse_student = max_student + tl.log(sum_student)
         lse_teacher = max_teacher + tl.log(sum_teacher)
-        within = teacher_weighted_gap / sum_teacher + lse_student - lse_teacher
-        # A student group with no mass where the teacher has some: the KL is +inf (inf - inf above).
+        within = teacher_weighted_gap / sum_teacher + tl.log(sum_student) - tl.log(sum_teacher)
+        # A student group with no mass where the teacher has some: the KL is +inf.
         within = tl.where(lse_student == float("-inf"), float("inf"), within)
         within = tl.where(sum_teacher > 0, within, 0.0)
         tl.store(lse_student_ptr + out_group, lse_student, mask=in_groups)

@@ -1,0 +1,192 @@
+// A few SIMD primitives the CPU kernels are written against, in two implementations chosen when
+// the extension is compiled:
+//
+//   CPU_CAPABILITY_AVX512: raw AVX-512 intrinsics, 16 float lanes, masks in mask registers
+//     (masked adds, one-instruction table lookups, exp with vscalefps);
+//   otherwise: ATen's portable at::vec::Vectorized<float> (AVX2, NEON, or plain arrays), masks as
+//     all-ones lanes.
+//
+// The loader (ltkd_kernels/cpu/__init__.py) defines CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2
+// from torch's own CPU capability check, with the matching -m flags. No -ffast-math: the kernels
+// rely on IEEE inf and NaN.
+//
+// Group lookups: a chunk of W classes carries float group ids in [0, G), G <= kMaxVectorGroups.
+// GroupLanes<G> holds what a chunk needs to select per-group values (lookup) and to add into
+// per-group lane accumulators (masked_add); GroupTable<G> holds G per-group scalars in the form
+// lookup wants.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace ltkd {
+namespace simd {
+
+// Groups handled by the vectorised kernels; more groups take the scalar path.
+constexpr int kMaxVectorGroups = 8;
+
+constexpr float kLog2e = 1.44269504088896341f;
+// ln 2 in two parts (Cody-Waite): n * kLn2Hi is exact for |n| < 2^9.
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+// exp(x) for x below this is 0 in float (even as a denormal): it bounds the reduction's n.
+constexpr float kExpLow = -110.0f;
+constexpr float kExpHigh = 89.0f;  // exp(89) overflows float: +inf
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+constexpr int kWidth = 16;
+using Vec = __m512;
+using Mask = __mmask16;
+
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec set1(float x) { return _mm512_set1_ps(x); }
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+inline Mask greater(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+inline Mask either(Mask a, Mask b) { return static_cast<Mask>(a | b); }
+inline bool any(Mask m) { return m != 0; }
+inline Vec select(Mask m, Vec if_true, Vec if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+inline Vec masked_add(Vec acc, Mask m, Vec x) { return _mm512_mask_add_ps(acc, m, acc, x); }
+
+// exp with about 1 ulp error (Cephes' expf polynomial): x = n ln2 + r, |r| <= ln2 / 2,
+// exp(x) = 2^n e^r. -inf -> 0, NaN -> NaN, overflow -> inf; vscalefps applies 2^n exactly
+// (denormal results included), so no range case needs a select.
+inline Vec exp(Vec x) {
+  // max/min return their second operand when one is NaN: x is second, so NaN passes through.
+  Vec xc = _mm512_min_ps(set1(kExpHigh), _mm512_max_ps(set1(kExpLow), x));
+  Vec n = _mm512_roundscale_ps(mul(xc, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  Vec r = _mm512_fnmadd_ps(n, set1(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, set1(kLn2Lo), r);
+  Vec p = fmadd(set1(1.9875691500e-4f), r, set1(1.3981999507e-3f));
+  p = fmadd(p, r, set1(8.3334519073e-3f));
+  p = fmadd(p, r, set1(4.1665795894e-2f));
+  p = fmadd(p, r, set1(1.6666665459e-1f));
+  p = fmadd(p, r, set1(5.0000001201e-1f));
+  p = fmadd(p, mul(r, r), add(r, set1(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Sum of the lanes in a fixed order (deterministic).
+inline float reduce_add(Vec v) {
+  alignas(64) float lanes[kWidth];
+  store(lanes, v);
+  float total = 0.0f;
+  for (int i = 0; i < kWidth; ++i) total += lanes[i];
+  return total;
+}
+
+template <int G>
+struct GroupTable {
+  Vec values;  // lane k holds group k's value (k < G)
+  void set(const float* per_group) {
+    alignas(64) float lanes[kWidth] = {0.0f};
+    for (int k = 0; k < G; ++k) lanes[k] = per_group[k];
+    values = _mm512_load_ps(lanes);
+  }
+};
+
+template <int G>
+struct GroupLanes {
+  __m512i ids;
+  Mask in_group[G];
+  explicit GroupLanes(Vec float_ids) {
+    ids = _mm512_cvttps_epi32(float_ids);
+    for (int k = 0; k < G; ++k) in_group[k] = _mm512_cmpeq_epi32_mask(ids, _mm512_set1_epi32(k));
+  }
+};
+
+template <int G>
+inline Vec lookup(const GroupTable<G>& table, const GroupLanes<G>& lanes) {
+  return _mm512_permutexvar_ps(lanes.ids, table.values);
+}
+
+#else  // portable at::vec path
+
+using Vec = at::vec::Vectorized<float>;
+using Mask = Vec;  // all-ones lanes where true
+constexpr int kWidth = Vec::size();
+
+inline Vec load(const float* p) { return Vec::loadu(p); }
+inline void store(float* p, Vec v) { v.store(p); }
+inline Vec set1(float x) { return Vec(x); }
+inline Vec zero() { return Vec(0.0f); }
+inline Vec add(Vec a, Vec b) { return a + b; }
+inline Vec sub(Vec a, Vec b) { return a - b; }
+inline Vec mul(Vec a, Vec b) { return a * b; }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return at::vec::fmadd(a, b, c); }
+inline Mask greater(Vec a, Vec b) { return a > b; }
+inline Mask either(Mask a, Mask b) { return a | b; }
+// zero_mask() sets a bit per zero lane; a true lane (all ones, a NaN pattern) is not zero.
+inline bool any(Mask m) { return m.zero_mask() != (1 << kWidth) - 1; }
+inline Vec select(Mask m, Vec if_true, Vec if_false) { return Vec::blendv(if_false, if_true, m); }
+inline Vec masked_add(Vec acc, Mask m, Vec x) { return acc + (x & m); }
+
+// The same exp as the AVX-512 path; 2^n is built in the exponent field, so x is clamped to
+// the normal range and the ends are selected afterwards.
+inline Vec exp(Vec x) {
+  const Vec low(-87.33654f), high(88.0f);
+  Vec xc = at::vec::minimum(at::vec::maximum(x, low), high);  // NaN-propagating
+  Vec n = (xc * Vec(kLog2e)).round();
+  Vec r = at::vec::fmadd(n, Vec(-kLn2Hi), xc);
+  r = at::vec::fmadd(n, Vec(-kLn2Lo), r);
+  Vec p = at::vec::fmadd(Vec(1.9875691500e-4f), r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r + Vec(1.0f));
+  auto exponent = at::vec::convert_to_int_of_same_size(n) + at::vec::Vectorized<int32_t>(127);
+  Vec scale = at::vec::cast<float>(exponent << at::vec::Vectorized<int32_t>(23));
+  Vec result = p * scale;
+  result = Vec::blendv(result, Vec(0.0f), x < low);
+  return Vec::blendv(result, Vec(std::numeric_limits<float>::infinity()), x > high);
+}
+
+inline float reduce_add(Vec v) {
+  float lanes[kWidth];
+  v.store(lanes);
+  float total = 0.0f;
+  for (int i = 0; i < kWidth; ++i) total += lanes[i];
+  return total;
+}
+
+template <int G>
+struct GroupTable {
+  Vec values[G];  // group k's value in every lane
+  void set(const float* per_group) {
+    for (int k = 0; k < G; ++k) values[k] = Vec(per_group[k]);
+  }
+};
+
+template <int G>
+struct GroupLanes {
+  Mask in_group[G];
+  explicit GroupLanes(Vec float_ids) {
+    for (int k = 0; k < G; ++k) in_group[k] = float_ids == Vec(static_cast<float>(k));
+  }
+};
+
+template <int G>
+inline Vec lookup(const GroupTable<G>& table, const GroupLanes<G>& lanes) {
+  Vec out = table.values[0];
+  for (int k = 1; k < G; ++k) out = Vec::blendv(out, table.values[k], lanes.in_group[k]);
+  return out;
+}
+
+#endif
+
+}  // namespace simd
+}  // namespace ltkd
