@@ -52,16 +52,30 @@ from torch import nn
 from torch.nn import functional as F
 
 import ltkd_kernels as lk
+from ltkd_kernels.backends import resolve_backend
 
 #: Method names in the order they are run and shown (the ``--methods`` vocabulary).
 METHODS: Tuple[str, ...] = ("ce", "kd", "dkd", "bkd", "ltkd", "ltkd+srw")
+#: Loss backends the demo can use (it runs on the CPU; Triton there is only an interpreter).
+BACKENDS: Tuple[str, ...] = ("auto", "cpu", "torch")
 METHOD_LABELS = {"ce": "CE", "kd": "KD", "dkd": "DKD", "bkd": "BKD", "ltkd": "LTKD",
                  "ltkd+srw": "LTKD+SRW"}
 
 
+class DemoConfigError(ValueError):
+    """A bad :class:`DemoConfig` value; ``field`` names it (the CLI flag is ``--field``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 @dataclass
 class DemoConfig:
-    """Everything that defines a demo run; the defaults are ``python -m ltkd_kernels demo``."""
+    """Everything that defines a demo run; the defaults are ``python -m ltkd_kernels demo``.
+
+    Values are checked on construction (:class:`DemoConfigError` names the bad field).
+    """
 
     classes: int = 100            # number of classes C
     imbalance: float = 100.0      # n_max / n_min of the training set
@@ -71,19 +85,70 @@ class DemoConfig:
     seed: int = 0
     methods: Tuple[str, ...] = METHODS
     out: str = "demo_output"
-    max_per_class: int = 500      # n_max: training images of the most frequent class
+    max_per_class: int = 500      # n_max: training samples of the most frequent class
     test_per_class: int = 100     # balanced test set
     input_dim: int = 32
     teacher_hidden: int = 512     # two hidden layers
     student_hidden: int = 64      # one hidden layer
     batch_size: int = 128
     lr: float = 0.05
-    threads: int = 1
+    threads: int = 1              # tiny matrices: more threads cost more than they give
+    backend: str = "auto"         # the losses' backend: "auto" (C++ kernels if built), "cpu", "torch"
     progress: bool = True
     chart: bool = True
 
     def __post_init__(self):
-        self.methods = tuple(self.methods)
+        if isinstance(self.methods, str):
+            self.methods = tuple(m.strip() for m in self.methods.split(",") if m.strip())
+        # Keep the order given, drop repeats.
+        self.methods = tuple(dict.fromkeys(str(m).strip().lower() for m in self.methods))
+        _check_config(self)
+
+
+def _check_int(cfg, name: str, low: int, high: Optional[int] = None):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DemoConfigError(name, f"must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise DemoConfigError(name, f"must be an integer {bound}, got {value}")
+
+
+def _check_config(cfg: DemoConfig) -> None:
+    _check_int(cfg, "classes", 2, 100_000)
+    imbalance = cfg.imbalance
+    if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) \
+            or not math.isfinite(imbalance) or imbalance < 1:
+        raise DemoConfigError("imbalance", f"must be a finite number >= 1 (n_max / n_min), "
+                                           f"got {imbalance!r}")
+    if isinstance(cfg.groups, int) and not isinstance(cfg.groups, bool) \
+            and cfg.groups > cfg.classes:
+        raise DemoConfigError("groups", f"must be at most the number of classes "
+                                        f"({cfg.classes}), got {cfg.groups}")
+    _check_int(cfg, "groups", 1, cfg.classes)
+    _check_int(cfg, "epochs", 1)
+    _check_int(cfg, "teacher_epochs", 1)
+    _check_int(cfg, "seed", 0, 2**31 - 1)
+    if not cfg.methods:
+        raise DemoConfigError("methods", f"must name at least one of {', '.join(METHODS)}")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise DemoConfigError("methods", f"unknown method(s) {', '.join(map(repr, unknown))}; "
+                                         f"choose from {', '.join(METHODS)}")
+    if not isinstance(cfg.out, str) or not cfg.out:
+        raise DemoConfigError("out", f"must be a folder path, got {cfg.out!r}")
+    _check_int(cfg, "max_per_class", 1)
+    _check_int(cfg, "test_per_class", 1)
+    _check_int(cfg, "input_dim", 1)
+    _check_int(cfg, "teacher_hidden", 1)
+    _check_int(cfg, "student_hidden", 1)
+    _check_int(cfg, "batch_size", 1)
+    _check_int(cfg, "threads", 1)
+    if cfg.backend not in BACKENDS:
+        raise DemoConfigError("backend", f"must be one of {', '.join(BACKENDS)} (the demo runs "
+                                         f"on the CPU), got {cfg.backend!r}")
+    if not isinstance(cfg.lr, (int, float)) or not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise DemoConfigError("lr", f"must be a finite number > 0, got {cfg.lr!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,9 +175,9 @@ class LongTailedData:
 # Geometry of the synthetic task (in units of the per-mode noise std). Chosen so that a
 # two-layer MLP trained on the long-tailed set is decent overall but clearly worse on the tail.
 _SUPERCLASS_SIZE = 5
-_SUPERCLASS_SPREAD = 2.0   # std of superclass centres
-_CLASS_SPREAD = 1.0        # std of class centres around their superclass centre
-_MODE_SPREAD = 0.6         # std of a class's modes around its centre
+_SUPERCLASS_SPREAD = 1.0   # std of superclass centres
+_CLASS_SPREAD = 0.5        # std of class centres around their superclass centre
+_MODE_SPREAD = 0.3         # std of a class's modes around its centre
 _MODES_PER_CLASS = 3
 
 
@@ -177,26 +242,30 @@ def _seeded_model(seed: int, *args) -> MLP:
 # --------------------------------------------------------------------------------------------
 
 class _Progress:
-    """A per-epoch progress bar on stderr: tqdm when installed, a plain line otherwise."""
+    """Progress on stderr: a per-epoch tqdm bar on a terminal (when tqdm is installed), and a
+    one-line summary per trained model in any case (so logs stay short)."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
-        self.enabled, self.total, self.desc, self.done, self.bar = enabled, total, desc, 0, None
-        if enabled:
+        self.enabled, self.bar = enabled, None
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
                 self.bar = tqdm(total=total, desc=desc, unit="epoch", leave=False,
                                 file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                pass
+            else:
+                self.total, self.desc, self.done = total, desc, 0
 
     def update(self, **info):
-        self.done += 1
-        if not self.enabled:
+        if not self.enabled or not sys.stderr.isatty():
             return
         if self.bar is not None:
             self.bar.set_postfix(info, refresh=False)
             self.bar.update(1)
         else:
+            self.done += 1
             details = " ".join(f"{k}={v}" for k, v in info.items())
             print(f"\r{self.desc}: epoch {self.done}/{self.total} {details}   ", end="",
                   file=sys.stderr, flush=True)
@@ -206,7 +275,7 @@ class _Progress:
             return
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif sys.stderr.isatty():
             print("\r" + " " * 79 + "\r", end="", file=sys.stderr)
         if summary:
             print(summary, file=sys.stderr, flush=True)
@@ -259,34 +328,36 @@ def available_methods() -> Tuple[str, ...]:
 # BKD T=2 with effective-number weights, LTKD T=4. Every distillation term is added to the
 # cross-entropy with weight 1 (the losses carry their own T^2 factor).
 LTKD_ALPHA, LTKD_BETA, LTKD_TEMPERATURE = 1.0, 1.0, 4.0
+SRW_TAU = 1.0
 
 
-def make_criterion(method: str, counts: Sequence[int], groups: torch.Tensor, num_groups: int):
+def make_criterion(method: str, counts: Sequence[int], groups: torch.Tensor, num_groups: int,
+                   backend: str = "auto"):
     """The distillation term for ``method`` (``None`` for ``ce``), as a callable
     ``(student_logits, teacher_logits, target, teacher_features) -> loss``."""
     if method == "ce":
         return None
     if method == "kd":
-        loss = lk.KDLoss(temperature=4.0)
+        loss = lk.KDLoss(temperature=4.0, backend=backend)
         return lambda s, t, y, f: loss(s, t)
     if method == "dkd":
-        loss = lk.DKDLoss(alpha=1.0, beta=8.0, temperature=4.0)
+        loss = lk.DKDLoss(alpha=1.0, beta=8.0, temperature=4.0, backend=backend)
         return lambda s, t, y, f: loss(s, t, y)
     if method == "bkd":
-        loss = lk.BKDLoss(lk.class_balanced_weights(counts), temperature=2.0)
+        loss = lk.BKDLoss(lk.class_balanced_weights(counts), temperature=2.0, backend=backend)
         return lambda s, t, y, f: loss(s, t)
     if method == "ltkd":
         loss = lk.LTKDLoss(groups, num_groups, alpha=LTKD_ALPHA, beta=LTKD_BETA,
-                           temperature=LTKD_TEMPERATURE)
+                           temperature=LTKD_TEMPERATURE, backend=backend)
         return lambda s, t, y, f: loss(s, t)
     if method == "ltkd+srw":
         srw_cls = _srw_module()
         if srw_cls is None:
             raise RuntimeError("method 'ltkd+srw' needs lk.SRWeighting, which this install of "
                                "ltkd_kernels does not have")
-        srw = srw_cls(tau=1.0)
+        srw = srw_cls(tau=SRW_TAU, backend=backend)
         loss = lk.LTKDLoss(groups, num_groups, alpha=LTKD_ALPHA, beta=LTKD_BETA,
-                           temperature=LTKD_TEMPERATURE, reduction="sum")
+                           temperature=LTKD_TEMPERATURE, reduction="sum", backend=backend)
         # SRW weights sum to 1 over the batch, so the "sum" reduction is a weighted mean on
         # the same scale as LTKD's "batchmean".
         return lambda s, t, y, f: loss(s, t, sample_weight=srw(f))
@@ -313,7 +384,7 @@ def train_student(method: str, data: LongTailedData, teacher: MLP, groups: torch
     # Same initial weights and same batch order for every method: a paired comparison.
     student = _seeded_model(cfg.seed + 3, cfg.input_dim, cfg.student_hidden, cfg.classes, 1)
     gen = torch.Generator().manual_seed(cfg.seed + 4)
-    criterion = make_criterion(method, data.counts, groups, len(group_names))
+    criterion = make_criterion(method, data.counts, groups, len(group_names), cfg.backend)
     n = data.y_train.numel()
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     opt, sched = _optimizer(student, cfg, cfg.epochs * steps_per_epoch)
@@ -436,7 +507,7 @@ def _describe(result: DemoResult) -> str:
             f"seed {cfg.seed}; loss backend {result.backend!r}")
 
 
-def write_outputs(result: DemoResult) -> Dict[str, str]:
+def write_outputs(result: DemoResult, command: Optional[str] = None) -> Dict[str, str]:
     """``results.json``, ``results.csv`` and (when matplotlib is installed) ``accuracy.png``."""
     cfg = result.config
     os.makedirs(cfg.out, exist_ok=True)
@@ -458,10 +529,9 @@ def write_outputs(result: DemoResult) -> Dict[str, str]:
         "skipped_methods": result.skipped,
         "environment": {"torch": torch.__version__, "ltkd_kernels": lk.__version__,
                         "python": platform.python_version(), "machine": platform.machine(),
-                        "loss_backend": result.backend, "threads": torch.get_num_threads()},
+                        "loss_backend": result.backend, "threads": cfg.threads},
         "seconds": result.seconds,
-        "command": " ".join(["python -m ltkd_kernels"] + sys.argv[1:])
-        if os.path.basename(sys.argv[0]) in ("__main__.py", "ltkd-kernels") else None,
+        "command": command,
     }
     with open(paths["json"], "w") as f:
         json.dump(payload, f, indent=2)
@@ -507,7 +577,9 @@ def write_chart(result: DemoResult, path: str) -> Optional[str]:
     ax.set_title(f"Long-tailed distillation demo: {cfg.classes} classes, imbalance "
                  f"{cfg.imbalance:g}, seed {cfg.seed}", fontsize=10)
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=min(4, len(rows)), loc="upper right")
+    # Below the axes, so that no bar is hidden behind it.
+    ax.legend(fontsize=7, ncol=min(7, len(rows)), loc="upper center",
+              bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -520,36 +592,34 @@ def write_chart(result: DemoResult, path: str) -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    """Train the teacher and one student per method; write the outputs; return the results."""
+    """Train the teacher and one student per method on the CPU; return the scores.
+
+    Methods that this install cannot run (``ltkd+srw`` without ``lk.SRWeighting``) are
+    skipped with a note and listed in ``result.skipped``.
+    """
     start = time.perf_counter()
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected a subset of "
-                         f"{', '.join(METHODS)}")
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     try:
         data = make_long_tailed_data(cfg)
-        num_groups = cfg.groups
-        groups = lk.groups_from_counts(data.counts, num_groups)
-        group_names = group_names_for(num_groups)
+        groups = lk.groups_from_counts(data.counts, cfg.groups)
+        group_names = group_names_for(cfg.groups)
         counts = torch.tensor(data.counts)
         result = DemoResult(
             config=cfg, counts=data.counts, group_names=group_names,
-            group_classes=[int((groups == k).sum()) for k in range(num_groups)],
-            group_train_counts=[int(counts[groups == k].sum()) for k in range(num_groups)],
-            teacher={},
-            backend=lk.backends.resolve_backend("auto", torch.device("cpu")))
+            group_classes=[int((groups == k).sum()) for k in range(cfg.groups)],
+            group_train_counts=[int(counts[groups == k].sum()) for k in range(cfg.groups)],
+            teacher={}, backend=resolve_backend(cfg.backend, torch.device("cpu")))
         teacher = train_teacher(data, cfg)
         result.teacher = evaluate(teacher, data, groups, group_names)
         if cfg.progress:
-            print("teacher (CE)     " + "  ".join(f"{k} {v:5.1f}" for k, v in
-                                                 result.teacher.items()), file=sys.stderr)
+            print(f"{'teacher (CE)':<17}" + "  ".join(
+                f"{k} {v:5.1f}" for k, v in result.teacher.items()), file=sys.stderr)
         for method in cfg.methods:
-            if method == "ltkd+srw" and _srw_module() is None:
-                print("note: skipping ltkd+srw: lk.SRWeighting is not in this install",
-                      file=sys.stderr)
+            if method not in available_methods():
+                print(f"note: skipping {method}: lk.SRWeighting is not in this install of "
+                      f"ltkd_kernels", file=sys.stderr)
                 result.skipped.append(method)
                 continue
             result.students.append(train_student(method, data, teacher, groups, group_names, cfg))
@@ -560,15 +630,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def main(cfg: DemoConfig) -> DemoResult:
-    """Run the demo, print the description and the table to stdout, write the files."""
-    result = run_demo(cfg)
-    paths = write_outputs(result)
-    print(_describe(result))
-    print()
-    print(format_table(result))
-    print()
-    print("loss % = distillation loss forward + backward, as a share of the whole training step "
-          "(teacher forward, student forward/backward, optimizer); see ltkd_kernels/demo.py")
-    print(f"wrote {', '.join(paths.values())}  ({result.seconds:.0f} s)")
-    return result
+def format_report(result: DemoResult, paths: Dict[str, str]) -> str:
+    """What the CLI prints: the setting, the table, how ``loss %`` is measured, the files."""
+    lines = [_describe(result), "", format_table(result), ""]
+    if result.skipped:
+        lines.append(f"skipped (not in this install): {', '.join(result.skipped)}")
+    lines.append("accuracy: % of the balanced test set, per group of the true class. loss %: the "
+                 "distillation loss's forward + backward time as a share of the training step "
+                 "(batch, teacher forward, student forward and backward, optimizer step).")
+    lines.append(f"wrote {', '.join(paths.values())} in {result.seconds:.0f} s")
+    return "\n".join(lines)

@@ -328,22 +328,27 @@ def srw_weights(features, *, tau=1.0, mask=None, eps=1e-8, backend="torch"):
     dtype = _compute_dtype(features)
     with torch.no_grad():
         f = features.detach()
-        f = (f if f.dim() == 3 else f.unsqueeze(0)).to(dtype)
-        if mask is None:
-            valid = torch.ones(f.shape[:-1], dtype=torch.bool, device=f.device)
-        else:
-            valid = mask if mask.dim() == 2 else mask.unsqueeze(0)
+        f = (f if f.dim() == 3 else f.unsqueeze(0)).to(dtype)                 # (B, P, D)
+        invalid = None if mask is None else ~(mask if mask.dim() == 2 else mask.unsqueeze(0))
+        if invalid is not None:
             # Padded patches may hold anything (NaN): zero them so that 0 * NaN cannot leak
             # into the sums.
-            f = f.masked_fill(~valid.unsqueeze(-1), 0.0)
-        norm = torch.linalg.vector_norm(f, dim=-1)
-        inv_norm = torch.where(valid, 1.0 / norm.clamp_min(eps), torch.zeros_like(norm))
-        count = valid.sum(-1, keepdim=True).clamp_min(1).to(dtype)
-        mean = torch.bmm(inv_norm.unsqueeze(1), f).squeeze(1) / count         # (B, D): m
-        avesim = torch.bmm(f, mean.unsqueeze(-1)).squeeze(-1) * inv_norm     # (B, P)
-        logits = (-avesim / tau).masked_fill(~valid, float("-inf"))
+            f = f.masked_fill(invalid.unsqueeze(-1), 0.0)
+        # Few, large operations (in place where the tensor is new): each is one pass.
+        inv_norm = torch.linalg.vector_norm(f, dim=-1).clamp_min_(eps).reciprocal_()  # r
+        if invalid is None:
+            count = float(f.shape[1])
+        else:
+            inv_norm.masked_fill_(invalid, 0.0)
+            count = (~invalid).sum(-1, keepdim=True).clamp_min_(1).to(dtype).unsqueeze(-1)
+        mean = torch.bmm(inv_norm.unsqueeze(1), f).div_(count)                # (B, 1, D): m
+        avesim = torch.bmm(f, mean.transpose(1, 2)).squeeze(-1).mul_(inv_norm)  # fh_i . m
+        logits = avesim.mul_(-1.0 / tau)
+        if invalid is not None:
+            logits.masked_fill_(invalid, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
-        # An image with no valid patch: softmax of all -inf is NaN; its weights are 0.
-        weights = torch.where(valid.any(-1, keepdim=True), weights, torch.zeros_like(weights))
+        if invalid is not None:
+            # An image with no valid patch: softmax of all -inf is NaN; its weights are 0.
+            weights = torch.where(invalid.all(-1, keepdim=True), 0.0, weights)
     return weights.reshape(features.shape[:-1])
 # --- end SRW ---

@@ -33,39 +33,34 @@ from .backends import BACKENDS, resolve_backend
 __all__ = ["srw_weights", "SRWeighting"]
 
 
-def _triton_srw_weights_impl():
+def _triton_srw_weights_impl(features, mask, tau, eps):
+    # Imported on first call: registering the operator below needs no Triton.
     from .triton.srw_launchers import srw_weights_impl
 
-    return srw_weights_impl
+    return srw_weights_impl(features, mask, tau, eps)
 
 
-def _cpu_srw_weights_impl():
+@torch.library.custom_op("ltkd_kernels::srw_weights_triton", mutates_args=())
+def _srw_weights_triton(features: Tensor, mask: Optional[Tensor], tau: float, eps: float) -> Tensor:
+    """The Triton ``srw_weights_impl`` as a custom operator, registered when this module is
+    imported, so that :func:`srw_weights` works under ``torch.compile`` without graph breaks."""
+    return _triton_srw_weights_impl(features, mask, tau, eps)
+
+
+@_srw_weights_triton.register_fake
+def _(features, mask, tau, eps):
+    return features.new_empty(features.shape[:-1], dtype=torch.float32)
+
+
+def _srw_weights_kernel(backend: str):
+    """The backend's ``srw_weights_impl(features (B, P, D), mask (B, P) or None, tau, eps)
+    -> (B, P) float32``. The C++ backend's is its own custom operator
+    (``ltkd_kernels::srw_weights_cpu``, see :mod:`ltkd_kernels.cpu`)."""
+    if backend == "triton":
+        return _srw_weights_triton
     from . import cpu
 
     return cpu.srw_weights_impl
-
-
-def _define_srw_op(backend: str, load_impl):
-    """The ``ltkd_kernels::srw_weights_<backend>`` custom operator, so that :func:`srw_weights`
-    works under ``torch.compile`` without graph breaks. Its body loads the backend's
-    ``srw_weights_impl(features (B, P, D), mask (B, P) or None, tau, eps) -> (B, P) float32``
-    on first call: registering the operator needs neither Triton nor the C++ extension."""
-
-    @torch.library.custom_op(f"ltkd_kernels::srw_weights_{backend}", mutates_args=())
-    def srw_weights_op(features: Tensor, mask: Optional[Tensor], tau: float, eps: float) -> Tensor:
-        return load_impl()(features, mask, tau, eps)
-
-    @srw_weights_op.register_fake
-    def _(features, mask, tau, eps):
-        return features.new_empty(features.shape[:-1], dtype=torch.float32)
-
-    return srw_weights_op
-
-
-_SRW_OPS = {
-    "triton": _define_srw_op("triton", _triton_srw_weights_impl),
-    "cpu": _define_srw_op("cpu", _cpu_srw_weights_impl),
-}
 
 
 def srw_weights(features, *, tau=1.0, mask=None, eps=1e-8, backend="auto"):
@@ -109,7 +104,7 @@ def srw_weights(features, *, tau=1.0, mask=None, eps=1e-8, backend="auto"):
     if mask is not None:
         batched_mask = (mask if mask.dim() == 2 else mask.unsqueeze(0)).contiguous()
     with torch.no_grad():
-        weights = _SRW_OPS[resolved](batched, batched_mask, tau, eps)
+        weights = _srw_weights_kernel(resolved)(batched, batched_mask, tau, eps)
     return weights.reshape(features.shape[:-1])
 
 

@@ -228,6 +228,7 @@ def srw_normalise_kernel(
     image_max_ptr,      # (B,) fp32
     image_sum_exp_ptr,  # (B,) fp32
     P,
+    blocks_per_image,   # cdiv(P, BLOCK): the grid is 1-D, B * blocks_per_image programs
     BLOCK: tl.constexpr,
 ):
     """``w_i = exp(logit_i - max) / sum_exp``; an image with no valid patch gets all zeros.
@@ -235,8 +236,9 @@ def srw_normalise_kernel(
     Masked patches have ``logit = -inf`` and get 0. A NaN logit makes the sum NaN, so NaN
     features give NaN weights (never a silent 0).
     """
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // blocks_per_image
+    offs = (pid % blocks_per_image) * BLOCK + tl.arange(0, BLOCK)
     in_image = offs < P
     image_max = tl.load(image_max_ptr + b)
     image_sum = tl.load(image_sum_exp_ptr + b)

@@ -104,7 +104,8 @@ def srw_weights_impl(features: torch.Tensor, mask: Optional[torch.Tensor], tau: 
         BLOCK_C=min(block_c, triton.next_power_of_2(num_chunks)),
     )
     normalise_block = min(_NORMALISE_BLOCK, triton.next_power_of_2(patches))
-    srw_normalise_kernel[(batch, triton.cdiv(patches, normalise_block))](
-        weights, image_max, image_sum_exp, patches, BLOCK=normalise_block,
+    blocks_per_image = triton.cdiv(patches, normalise_block)
+    srw_normalise_kernel[(batch * blocks_per_image,)](
+        weights, image_max, image_sum_exp, patches, blocks_per_image, BLOCK=normalise_block,
     )
     return weights
