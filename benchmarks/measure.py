@@ -4,9 +4,11 @@ What each number is:
 
 - **time**: wall time of the timed region only (forward, backward or both), per call. Each
   call gets an untimed set-up (the forward, for ``backward`` mode), so nothing needs
-  ``retain_graph``. Warm-up calls first (run-time compilation, allocator growth, first-touch
-  page faults stay out), then at least ``min_reps`` timed calls, more until ``budget_s`` of
-  timed work or ``max_reps``; reported as the median and the 20% / 80% quantiles. On CUDA
+  ``retain_graph`` (which ``torch.compile``'s backward refuses). Warm-up calls first
+  (run-time compilation, allocator growth, first-touch page faults stay out), then at least
+  ``min_reps`` timed calls, more until ``budget_s`` of timed work or ``max_reps``; reported as
+  the median and the 20% / 80% quantiles. The providers of one problem are timed in turn,
+  one call each per round, so that other work on the machine hits them all alike. On CUDA
   each call is bracketed by CUDA events (device time) and the L2 cache is flushed in the
   set-up; on the CPU a ``perf_counter`` pair (the CPU runs the ops synchronously).
 - **peak memory**: the most bytes held by PyTorch tensors during one call of the region,
@@ -17,7 +19,8 @@ What each number is:
   ``profile_memory=True``, which records every allocation and free of the CPU allocator with
   its size and time; the running sum in time order, maximised, is the same quantity. It
   counts tensors only (not the Python heap, not memory a C++ kernel takes with ``malloc``).
-  The profiled call is the first warm-up call, so the profiler's overhead never enters the
+  The profiled call is a warm-up call (for the full step, the first call, whose result is
+  also the one checked against the reference), so the profiler's overhead never enters the
   timings.
 - **copy bandwidth**: a large tensor copy ``dst.copy_(src)`` (sized past the last-level
   cache), bytes read plus bytes written over the median time: the practical ceiling a
@@ -153,7 +156,8 @@ def _timed_call(setup, region, index: int, device: torch.device) -> float:
 
 def time_interleaved(candidates: Dict[str, Tuple[Callable, Callable]], device: torch.device, *,
                      warmup: int = 1, min_reps: int = 5, max_reps: int = 50,
-                     budget_s: float = 1.0, measure_memory: bool = True) -> Dict[str, object]:
+                     budget_s: float = 1.0, measure_memory: bool = True,
+                     warmed: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, object]:
     """Time several ``(setup, region)`` candidates, one call of each in turn.
 
     Interleaving spreads whatever else the machine does over all candidates alike, instead of
@@ -161,14 +165,17 @@ def time_interleaved(candidates: Dict[str, Tuple[Callable, Callable]], device: t
     calls (the first under the memory tracker), then timed calls in rounds until it has at
     least ``min_reps`` and ``budget_s`` seconds of timed work, or ``max_reps``. Returns, per
     name, ``(Timing, peak_bytes or None)``, or the exception the candidate raised.
+    ``warmed`` names candidates already warmed up by the caller, with their peak memory: they
+    skip the warm-up.
     """
+    warmed = warmed or {}
     results: Dict[str, object] = {}
     samples: Dict[str, List[float]] = {}
     peaks: Dict[str, Optional[int]] = {}
     for name, (setup, region) in candidates.items():
         try:
-            peaks[name] = None
-            for i in range(warmup):
+            peaks[name] = warmed.get(name)
+            for i in range(0 if name in warmed else warmup):
                 state = setup(i)
                 if i == 0 and measure_memory:
                     tracker = memory_tracker(device)
@@ -256,6 +263,23 @@ def copy_bandwidth(device: torch.device, *, reps: int = 5, nbytes: Optional[int]
                    gb_per_s=gb_per_s)
     del src, dst
     return gb_per_s, details
+
+
+def parallel_stall_probe(device: torch.device, reps: int = 30) -> Optional[dict]:
+    """How long a small parallel op takes now, on the CPU: a busy machine shows here first.
+
+    ``fill_`` of 4 MiB runs as an OpenMP region over all of torch's threads; when another
+    process holds a core, the region waits for the thread the scheduler has not run, and the
+    op takes tens of milliseconds instead of tens of microseconds. Reported with the results
+    so that timings taken on a busy machine say so. ``None`` on CUDA.
+    """
+    if device.type != "cpu":
+        return None
+    buffer = torch.empty(2 ** 20, dtype=torch.float32)
+    timing, _ = time_region(lambda i: None, lambda state: buffer.fill_(1.5), device, warmup=3,
+                            min_reps=reps, max_reps=reps, budget_s=0.0, measure_memory=False)
+    return dict(op="fill_ of 2^20 float32", threads=torch.get_num_threads(),
+                median_ms=round(timing.median_ms, 4), p80_ms=round(timing.p80_ms, 4))
 
 
 def _cpu_model() -> str:

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 PROVIDER_ORDER = ("triton", "cpu", "torch", "eager", "compile", "liger")
 PROVIDER_LABELS = {
@@ -88,6 +88,7 @@ def write_plots(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
             subtitle = None
             for ax, loss in zip(axes.flat, losses):
                 selected, N, G, dtype = _plot_selection(rows, loss)
+                failures = []
                 subtitle = f"N={N}, {dtype}"
                 for provider in _providers_in(selected):
                     points = sorted((r for r in selected if r["provider"] == provider and _ok(r)),
@@ -96,7 +97,8 @@ def write_plots(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
                     style = PROVIDER_STYLE[provider]
                     label = PROVIDER_LABELS[provider]
                     if failed:
-                        label += f" ({len(failed)} FAIL/ERROR, not shown)"
+                        failures.append(f"{label}: FAIL/ERROR at {len(failed)} "
+                                        f"size{'s' if len(failed) > 1 else ''}, not shown")
                     if not points:
                         ax.plot([], [], label=label, **style)
                         continue
@@ -128,13 +130,23 @@ def write_plots(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
                 ax.set_yscale("log")
                 ax.set_xlabel("V (classes / vocabulary)")
                 ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=7.5, loc="upper left")
+                if failures:
+                    ax.text(0.01, 0.99, "\n".join(failures), transform=ax.transAxes,
+                            fontsize=7, va="top", color="darkred")
             for ax in list(axes.flat)[len(losses):]:
                 ax.set_visible(False)
+            # One legend for all panels (the same providers and line styles), under them.
+            handles, labels = {}, {}
+            for ax in axes.flat:
+                for handle, label in zip(*ax.get_legend_handles_labels()):
+                    handles.setdefault(label, handle)
+                    labels.setdefault(label, label)
             what = "time" if quantity == "time" else "peak memory"
             fig.suptitle(f"{what} against V, {subtitle}; {device}; {metadata.get('date', '')[:10]}",
                          fontsize=10)
-            fig.tight_layout()
+            fig.tight_layout(rect=(0, 0.07, 1, 1))
+            fig.legend(list(handles.values()), list(labels.values()), loc="lower center",
+                       ncol=3, fontsize=8.5, frameon=False)
             fig.savefig(os.path.join(out_dir, file_name), dpi=110)
             plt.close(fig)
             written.append(file_name)
@@ -174,6 +186,15 @@ def write_plots(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
     return written
 
 
+def _number(x: float) -> str:
+    """3 significant digits without scientific notation for the sizes a table shows."""
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
 def _cell(row, what: str) -> str:
     if row is None:
         return "—"
@@ -184,9 +205,9 @@ def _cell(row, what: str) -> str:
         return row["status"].lower()
     if what == "time":
         memory = row["peak_mem_mib"]
-        mem = "" if memory is None else f" · {memory:.3g} MiB"
-        return f"{row['median_ms']:.3g} ms{mem}"
-    return f"{row['gb_per_s']:.3g} GB/s ({100 * row['fraction_of_floor']:.2g}%)"
+        mem = "" if memory is None else f" · {_number(memory)} MiB"
+        return f"{_number(row['median_ms'])} ms{mem}"
+    return f"{_number(row['gb_per_s'])} GB/s ({_number(100 * row['fraction_of_floor'])}%)"
 
 
 def _pivot(rows, providers, mode, what) -> List[str]:
@@ -224,6 +245,13 @@ def summary_markdown(rows: List[Dict], metadata: Dict) -> str:
     lines.append(f"- copy bandwidth (bytes read + written): "
                  f"{metadata.get('copy_bandwidth_gb_per_s', 0):.2f} GB/s at the start, "
                  f"{metadata.get('copy_bandwidth_end', {}).get('gb_per_s', 0):.2f} GB/s at the end")
+    probe = metadata.get("parallel_stall_probe") or {}
+    if probe.get("start"):
+        lines.append(f"- parallel stall probe (median of a 4 MiB `fill_` over "
+                     f"{probe['start']['threads']} threads): {probe['start']['median_ms']:.3f} ms "
+                     f"at the start, {probe['end']['median_ms']:.3f} ms at the end (tens of "
+                     f"microseconds on an idle machine; milliseconds mean other processes held "
+                     f"the cores and small ops stalled)")
     for provider, reason in metadata.get("providers_left_out", {}).items():
         lines.append(f"- `{provider}` left out: {reason}")
     if metadata.get("quick"):

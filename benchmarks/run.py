@@ -26,6 +26,7 @@ default sweep is the union of one-dimensional sweeps around that base point (V f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import gc
@@ -36,7 +37,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -61,7 +62,7 @@ from .providers import (
 
 BASE = dict(N=256, V=32000, G=3, dtype="float32")
 FULL_V = (1024, 4096, 16384, 32000, 65536, 128256, 151936, 262144)
-FULL_N = (64, 256, 1024, 4096)
+FULL_N = (64, 256, 1024, 2048)
 FULL_G = (2, 3, 8, 32)
 FULL_DTYPE_V = (32000, 128256)
 SRW_N = (1024, 4096, 16384, 65536, 262144)
@@ -73,7 +74,7 @@ SRW_EAGER_MAX_N = 16384
 # N x V float64 tensors at its peak.
 CHECK_MAX_ELEMENTS = 2 ** 25
 
-QUICK_N = 128
+QUICK_N = 64
 QUICK_V = (1024, 32000, 128256)
 QUICK_DETAIL_V = 32000  # the one size timed in every mode and with torch.compile
 QUICK_SRW_N = (1024, 4096)
@@ -277,24 +278,36 @@ def _mode_callables(fn, problem: Problem, inputs, leaves, mode: str):
     return setup_backward, region_backward
 
 
+def _first_call_mode(problem: Problem) -> str:
+    return "forward" if problem.loss == "srw" else "full"
+
+
 def _error_text(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _first_call(fn, problem: Problem, inputs, device: torch.device):
-    """The first call (forward and backward) on set 0; returns ``(seconds, loss, grad)``."""
+def _first_call(fn, problem: Problem, inputs, device: torch.device, track_memory: bool):
+    """The first call (forward and backward; SRW: forward) on set 0.
+
+    Returns ``(seconds, peak_bytes or None, loss or weights, grad)``. With ``track_memory`` the
+    call runs under the memory tracker (the seconds then include the tracker's overhead), so
+    it doubles as the warm-up of mode ``full`` (SRW: ``forward``).
+    """
     tensors = inputs.sets[0]
+    student = None if problem.loss == "srw" else tensors[0].detach().clone().requires_grad_(True)
+    tracker = measure.memory_tracker(device)
     start = time.perf_counter()
-    if problem.loss == "srw":
-        out = fn(tensors[0])
+    with (tracker.track() if track_memory else contextlib.nullcontext()):
+        if problem.loss == "srw":
+            out = fn(tensors[0])
+        else:
+            out = fn(student, tensors[1])
+            out.backward()
         measure.synchronize(device)
-        return time.perf_counter() - start, out, None
-    student = tensors[0].detach().clone().requires_grad_(True)
-    loss = fn(student, tensors[1])
-    loss.backward()
-    measure.synchronize(device)
-    return time.perf_counter() - start, loss.detach(), student.grad
+    seconds = time.perf_counter() - start
+    return (seconds, tracker.peak_bytes if track_memory else None, out.detach(),
+            None if student is None else student.grad)
 
 
 def run_task(task: Task, device: torch.device, settings: Settings, bandwidth_gbps: float,
@@ -323,6 +336,7 @@ def run_task(task: Task, device: torch.device, settings: Settings, bandwidth_gbp
     # Every provider is built and checked first; those that agree with the reference are then
     # timed together, mode by mode, one call of each in turn (measure.time_interleaved).
     checked = {}
+    first_call_peaks = {}  # the first call warmed mode "full" (SRW: "forward") up
     for provider in task.providers:
         base = dict(check_rows=check_rows, input_sets=len(inputs.sets),
                     inputs_fit_in_cache=fits_in_cache)
@@ -340,7 +354,9 @@ def run_task(task: Task, device: torch.device, settings: Settings, bandwidth_gbp
                                                   reference, device)
                 del checker
             built = build(provider, problem, inputs.extras, device)
-            seconds, out, grad = _first_call(built.fn, problem, inputs, device)
+            # The first call of torch.compile compiles: timed, so not under the tracker.
+            seconds, first_peak, out, grad = _first_call(built.fn, problem, inputs, device,
+                                                         track_memory=provider != "compile")
             if check_problem is problem:
                 if problem.loss == "srw":
                     loss_err, grad_err = relative_error(out, reference["weights"]), None
@@ -376,6 +392,8 @@ def run_task(task: Task, device: torch.device, settings: Settings, bandwidth_gbp
             continue
         checked[provider] = (built, dict(base, loss_rel_err=loss_err, grad_rel_err=grad_err,
                                          compile_s=compile_s))
+        if provider != "compile":
+            first_call_peaks[provider] = first_peak
 
     leaves = _leaves(problem, inputs)
     for mode in task.modes:
@@ -383,7 +401,8 @@ def run_task(task: Task, device: torch.device, settings: Settings, bandwidth_gbp
                       for provider, (built, _) in checked.items()}
         results = measure.time_interleaved(
             candidates, device, warmup=settings.warmup, min_reps=settings.min_reps,
-            max_reps=settings.max_reps, budget_s=settings.budget_s)
+            max_reps=settings.max_reps, budget_s=settings.budget_s,
+            warmed=first_call_peaks if mode == _first_call_mode(problem) else None)
         for provider, result in results.items():
             row = _empty_row(problem, provider, mode)
             row.update(checked[provider][1])
@@ -533,19 +552,25 @@ def main(argv=None) -> int:
     cpu_reason = lk.unavailable_reason("cpu") if "cpu" in args.providers else "not requested"
     cpu_first_use_s = time.perf_counter() - build_start
     skipped: Dict[str, str] = {}
+    losses = sorted({t.problem.loss for t in tasks}, key=LOSSES.index)
     for provider in args.providers:
-        reasons = {loss: provider_unavailable_reason(provider, loss, device)
-                   for loss in {t.problem.loss for t in tasks}}
+        reasons = {loss: provider_unavailable_reason(provider, loss, device) for loss in losses}
         if all(r is not None for r in reasons.values()):
             skipped[provider] = "; ".join(sorted(set(reasons.values())))
+        else:
+            for loss, reason in reasons.items():
+                if reason is not None:
+                    skipped[f"{provider} ({loss})"] = reason
     for provider, reason in skipped.items():
         print(f"provider {provider}: left out: {reason}")
     for task in tasks:
-        task.providers = [p for p in task.providers if p not in skipped]
+        task.providers = [p for p in task.providers
+                          if p not in skipped and f"{p} ({task.problem.loss})" not in skipped]
 
     info = measure.device_info(device)
     print(f"device: {info['name']}; torch {torch.__version__}; {len(tasks)} problems; "
           f"C++ backend first use {cpu_first_use_s:.1f} s")
+    probe_start = measure.parallel_stall_probe(device)
     bandwidth, bandwidth_details = measure.copy_bandwidth(device)
     print(f"copy bandwidth: {bandwidth:.2f} GB/s (bytes read + written, "
           f"{bandwidth_details['copy_source_bytes'] / 2 ** 20:.0f} MiB copy, median of "
@@ -579,6 +604,7 @@ def main(argv=None) -> int:
         bar.close()
 
     bandwidth_end, bandwidth_end_details = measure.copy_bandwidth(device)
+    probe_end = measure.parallel_stall_probe(device)
     wall_s = time.perf_counter() - start_wall
     info["load_average_at_end"] = ([round(x, 2) for x in os.getloadavg()]
                                    if hasattr(os, "getloadavg") else None)
@@ -592,6 +618,10 @@ def main(argv=None) -> int:
         copy_bandwidth_gb_per_s=bandwidth,
         copy_bandwidth_start=bandwidth_details,
         copy_bandwidth_end=bandwidth_end_details,
+        parallel_stall_probe=dict(start=probe_start, end=probe_end,
+                                  note="median time of a 4 MiB fill_ (an OpenMP region over "
+                                       "all threads): tens of microseconds on an idle machine, "
+                                       "milliseconds when other processes hold the cores"),
         floor="bytes that must move: forward 2 N V s, backward 3 N V s, full 5 N V s "
               "(s = bytes per logit); SRW N D s. floor_ms = bytes / copy bandwidth at the start",
         timing=dict(warmup=settings.warmup, min_reps=settings.min_reps,
@@ -612,24 +642,29 @@ def main(argv=None) -> int:
                               "from its cache; first_use_s is that step in this run"),
         task_seconds=task_seconds,
         messages=messages,
-        wall_s=wall_s,
+        wall_s=wall_s,  # from the start of main() to the last file written
     )
     if args.quick:
         metadata["quick"] = (f"N={QUICK_N}, V in {list(QUICK_V)}, G=3, float32, mode full; "
                              f"forward and backward, and torch.compile, at V={QUICK_DETAIL_V} "
                              f"only; SRW at N in {list(QUICK_SRW_N)}, D={args.D or SRW_D}")
-    write_results(out_dir, rows, metadata)
+    write_results(out_dir, rows, metadata)  # first, so that a failing plot loses nothing
     from . import plots
 
-    summary = plots.summary_markdown(rows, metadata)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(summary)
     written = ["results.csv", "results.json", "summary.md"]
     if not args.no_plots:
         written += plots.write_plots(rows, metadata, out_dir)
+    metadata["wall_s"] = wall_s = time.perf_counter() - start_wall
+    write_results(out_dir, rows, metadata)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(plots.summary_markdown(rows, metadata))
     print()
     print_table(rows)
     print(f"\ncopy bandwidth {bandwidth:.2f} GB/s at the start, {bandwidth_end:.2f} GB/s at the end")
+    if probe_start is not None:
+        print(f"parallel stall probe (4 MiB fill_): {probe_start['median_ms']:.3f} ms at the start, "
+              f"{probe_end['median_ms']:.3f} ms at the end; load average "
+              f"{info.get('load_average_at_start')} -> {info.get('load_average_at_end')}")
     print(f"wrote {', '.join(written)} to {out_dir}")
     print(f"wall time {wall_s:.1f} s")
     return 0

@@ -41,11 +41,13 @@ def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=int,
                    help=f"epochs of the teacher, >= 1 (default {d.teacher_epochs})")
     p.add_argument("--seed", type=int, default=d.seed,
-                   help=f"seed of the data, the weights and the batch order, >= 0 (default {d.seed})")
+                   help="seed of the data, the weights and the batch order, >= 0 "
+                        f"(default {d.seed})")
     p.add_argument("--methods", default="all",
                    help=f"comma-separated subset of {','.join(demo.METHODS)} (default all)")
-    p.add_argument("--out", default=d.out, help="folder for results.json, results.csv and "
-                                                f"accuracy.png, created if missing (default {d.out})")
+    p.add_argument("--out", default=d.out,
+                   help="folder for results.json, results.csv and accuracy.png, created if "
+                        f"missing (default {d.out})")
     p.add_argument("--samples-per-class", type=int, dest="max_per_class",
                    help=f"training samples of the most frequent class n_max, >= 1 "
                         f"(default {d.max_per_class})")

@@ -93,7 +93,7 @@ class DemoConfig:
     batch_size: int = 128
     lr: float = 0.05
     threads: int = 1              # tiny matrices: more threads cost more than they give
-    backend: str = "auto"         # the losses' backend: "auto" (C++ kernels if built), "cpu", "torch"
+    backend: str = "auto"         # the losses' backend: "auto" (C++ if it builds), "cpu", "torch"
     progress: bool = True
     chart: bool = True
 
@@ -529,7 +529,9 @@ def write_outputs(result: DemoResult, command: Optional[str] = None) -> Dict[str
         "skipped_methods": result.skipped,
         "environment": {"torch": torch.__version__, "ltkd_kernels": lk.__version__,
                         "python": platform.python_version(), "machine": platform.machine(),
-                        "loss_backend": result.backend, "threads": cfg.threads},
+                        "loss_backend": result.backend, "threads": cfg.threads,
+                        "cpu_count": os.cpu_count(),
+                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "seconds": result.seconds,
         "command": command,
     }

@@ -8,11 +8,13 @@ How it is built: **compiled on first use** with :func:`torch.utils.cpp_extension
 the torch that is installed, then loaded from a cache. Installing the package never compiles
 anything (so pip never needs torch, let alone a CUDA build of it, in an isolated build
 environment). Needs a C++17 compiler (``$CXX`` or ``c++``) and ``ninja`` (``pip install
-ninja``); the first build takes about a minute on 2 cores and prints one log line.
+ninja``); the first build takes 30 to 60 s on 2 cores and logs one line (a warning on the
+``ltkd_kernels.cpu`` logger) before and after.
 
 - Cache: ``$LTKD_KERNELS_CACHE_DIR``, else ``$TORCH_EXTENSIONS_DIR/ltkd_kernels``, else
   ``$XDG_CACHE_HOME/ltkd_kernels`` (``~/.cache/ltkd_kernels``), one directory per torch version,
-  Python version and SIMD level. Delete it to force a rebuild.
+  Python version and SIMD level. Changed sources are rebuilt (torch hashes them); concurrent
+  first uses by several processes wait on torch's lock file there. Delete it to force a rebuild.
 - SIMD level: from ``torch.backends.cpu.get_cpu_capability()`` (AVX512, AVX2, else portable);
   ``LTKD_KERNELS_CPU_CAPABILITY=AVX2`` (or ``DEFAULT``) forces a lower one.
 - ``LTKD_KERNELS_DISABLE_CPU=1`` turns the backend off (``"auto"`` then uses the reference).
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["unavailable_reason", "grouped_kl_ops", "srw_weights_impl", "build_info",
-           "build_directory"]
+           "build_directory", "extension"]
 
 _LOG = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -60,7 +62,7 @@ def _simd_level() -> str:
     """``"avx512"``, ``"avx2"`` or ``"default"`` (portable ``at::vec``)."""
     forced = os.environ.get("LTKD_KERNELS_CPU_CAPABILITY", "").strip().upper()
     capability = forced or torch.backends.cpu.get_cpu_capability().upper()
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
         return "default"
     if capability.startswith("AVX512"):
         return "avx512"
@@ -117,15 +119,20 @@ def _build():
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     name = f"ltkd_kernels_cpu_{level}"
-    cflags = ["-O3", "-std=c++17", *_SIMD_FLAGS[level]]
+    # No -ffast-math (the kernels rely on IEEE inf and NaN), and no implicit FMA contraction:
+    # b = x / T must round the same way in the statistics and in the gradient (explicit
+    # fmadd calls stay fused).
+    cflags = ["-O3", "-std=c++17", "-ffp-contract=off", *_SIMD_FLAGS[level]]
     ldflags = []
-    if _use_openmp():
+    if sys.platform == "win32":  # MSVC (untested): the portable SIMD path
+        cflags = ["/O2", "/std:c++17", "/fp:precise"]
+    elif _use_openmp():
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
     fresh = not any(directory.glob(f"{name}*.so")) and not any(directory.glob(f"{name}*.pyd"))
     if fresh:
         _LOG.warning("ltkd_kernels: compiling the C++ CPU backend (%s) in %s; the first build "
-                     "takes about a minute", level, directory)
+                     "takes 30 to 60 s", level, directory)
     started = time.perf_counter()
     module = cpp_extension.load(
         name=name,
@@ -193,6 +200,12 @@ def _module_or_raise():
     if reason is not None:
         raise RuntimeError(f"the C++ CPU backend is not available: {reason}")
     return _module
+
+
+def extension():
+    """The loaded extension module (``grouped_kl_stats``, ``grouped_kl_grad``, ``srw_weights``,
+    ``build_info``, ``vector_exp``); raises ``RuntimeError`` when the backend is missing."""
+    return _module_or_raise()
 
 
 def build_info() -> str:

@@ -2,9 +2,11 @@
 //
 // The same algorithm as ltkd_kernels/triton/grouped_kl_kernels.py, one row per task:
 //
-//   stats: in one read of each row, per group k the online log-sum-exps of b = z^S / T and
-//     a = z^T / T (+ log w), and KL_k = sum_{i in k} pt^T_i (a_i - b_i) + lse^S_k - lse^T_k,
-//     whose sum is accumulated at the teacher's running group max;
+//   stats: in one read of each row, per group k the online log-sum-exps lse_k = m_k + log s_k
+//     (running max m_k, s_k = sum_{i in k} exp(x_i - m_k)) of b = z^S / T and
+//     a = z^T / T (+ log w), and the within-group KL
+//       KL_k = sum_{i in k} pt^T_i [(a_i - m^T_k) - (b_i - m^S_k)] + log s^S_k - log s^T_k,
+//     its sum accumulated at the running maxima (shifted when a max moves);
 //   grad: one more read of each row and one write of
 //     (coef^S_{g(i)} pt^S_i - coef^T_{g(i)} pt^T_i) / T + gce (softmax(z^S)_i - [i = t]).
 //
@@ -12,8 +14,10 @@
 // logits are float16/bfloat16; float32 rows are read in place) and each block in chunks of
 // simd::kWidth lanes. Each lane keeps its own per-group sums, all at one per-group running max:
 // when a chunk holds a value above its group's max (rare after the first few chunks) the max is
-// raised and that group's sums are rescaled. Lane sums are added in a fixed order at the end of
-// the row, and a row is reduced by one thread, so results do not depend on the thread count.
+// raised and the sums are rescaled. Lane sums are added in a fixed order at the end of the row,
+// and a row is reduced by one thread, so results do not depend on the thread count. Per element
+// and model: one exp, a compare, and a (masked) add per group; per-group values are looked up
+// from one register (a permute on AVX-512), never gathered from memory.
 //
 // How a class maps to a group (as in the Triton kernels): `groups` (V,) given: groups[i]; else
 // `group_target` (N,) given: group 0 is the row's target class, group 1 the rest; else one group.
@@ -33,6 +37,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cstring>
 #include <vector>
@@ -40,11 +45,6 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-
-// The per-chunk functions are forced inline so that a row's accumulators stay in registers
-// (an out-of-line call taking their address would keep them in memory).
-#define LTKD_ALWAYS_INLINE inline __attribute__((always_inline))
-#define LTKD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace ltkd {
 namespace {
@@ -198,8 +198,8 @@ struct PaddedChunk {
 // finite logit (as the Triton kernel's -inf max read as 0).
 inline float max_reference(float max) { return max == kNoMax ? 0.0f : max; }
 
-// Raise running maxima to cover `values` (lanes with group ids `group_ids`); returns whether any
-// group's max moved. Scalar: the rare path, a new record in a group.
+// Raise running maxima to cover `values` (lanes with group ids `group_ids`). Scalar: the rare
+// path, a new record in a group.
 template <int G>
 LTKD_ALWAYS_INLINE void raise_maxima(Vec values, const float* group_ids, float* max) {
   alignas(64) float lanes[kWidth];
@@ -428,23 +428,24 @@ void stats_row_vectorized(const GroupedKLArgs& args, const StatsOutputs& out, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scalar statistics: any number of groups and any option combination.
+// Scalar statistics: any number of groups and any option combination. One running sum per
+// group (not per lane), so the sums are kept in float64.
 
 void stats_row_scalar(const GroupedKLArgs& args, const StatsOutputs& out, int64_t row,
-                      std::vector<float>& scratch) {
+                      std::vector<float>& maxima, std::vector<double>& sums) {
   alignas(64) float student_buffer[kBlock];
   alignas(64) float teacher_buffer[kBlock];
   alignas(64) float group_buffer[kBlock];
   const int G = args.num_groups;
-  scratch.assign(static_cast<size_t>(5 * G), 0.0f);
-  float* max_s = scratch.data();
-  float* sum_s = max_s + G;
-  float* max_t = sum_s + G;
-  float* sum_t = max_t + G;
-  float* gap = sum_t + G;
-  std::fill(max_s, max_s + G, kNoMax);
-  std::fill(max_t, max_t + G, kNoMax);
-  float raw_max = kNoMax, raw_sum = 0.0f;
+  maxima.assign(static_cast<size_t>(2 * G), kNoMax);
+  sums.assign(static_cast<size_t>(3 * G), 0.0);
+  float* max_s = maxima.data();
+  float* max_t = max_s + G;
+  double* sum_s = sums.data();
+  double* sum_t = sum_s + G;
+  double* gap = sum_t + G;
+  float raw_max = kNoMax;
+  double raw_sum = 0.0;
   const float inv_t = args.inv_temperature;
   for (int64_t start = 0; start < args.vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, args.vocab - start);
@@ -460,9 +461,9 @@ void stats_row_scalar(const GroupedKLArgs& args, const StatsOutputs& out, int64_
       const float new_s = b > max_s[k] ? b : max_s[k];
       const float new_t = a > max_t[k] ? a : max_t[k];
       if (new_s != max_s[k] || new_t != max_t[k]) {
-        const float rescale_t = std::exp(max_t[k] - new_t);
-        const float drift = (max_reference(new_s) - max_reference(max_s[k])) -
-                            (max_reference(new_t) - max_reference(max_t[k]));
+        const double rescale_t = std::exp(max_t[k] - new_t);
+        const double drift = (max_reference(new_s) - max_reference(max_s[k])) -
+                             (max_reference(new_t) - max_reference(max_t[k]));
         gap[k] = (gap[k] + sum_t[k] * drift) * rescale_t;
         sum_s[k] *= std::exp(max_s[k] - new_s);
         sum_t[k] *= rescale_t;
@@ -485,9 +486,12 @@ void stats_row_scalar(const GroupedKLArgs& args, const StatsOutputs& out, int64_
   }
   const int64_t base = row * G;
   for (int k = 0; k < G; ++k) {
-    store_group_statistics(out, base + k, max_s[k], sum_s[k], max_t[k], sum_t[k], gap[k]);
+    store_group_statistics(out, base + k, max_s[k], static_cast<float>(sum_s[k]), max_t[k],
+                           static_cast<float>(sum_t[k]), static_cast<float>(gap[k]));
   }
-  if (args.ce_target != nullptr) store_cross_entropy(args, out, row, raw_max + std::log(raw_sum));
+  if (args.ce_target != nullptr) {
+    store_cross_entropy(args, out, row, raw_max + static_cast<float>(std::log(raw_sum)));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -545,7 +549,8 @@ void grad_row_vectorized_impl(const GroupedKLArgs& args, const GradInputs& in, i
   char* grad_row = in.grad + row * args.vocab * in.grad_element_bytes;
   const bool write_in_place = in.grad_dtype == at::kFloat;
 
-  auto chunk = [&](const float* x, const float* t, const float* lw, const float* gid) LTKD_ALWAYS_INLINE_LAMBDA {
+  auto chunk = [&](const float* x, const float* t, const float* lw,
+                   const float* gid) LTKD_ALWAYS_INLINE_LAMBDA {
     const Vec raw = simd::load(x);
     const Vec b = simd::mul(raw, inv_temperature);
     Vec a = simd::mul(simd::load(t), inv_temperature);
@@ -778,8 +783,29 @@ PreparedArgs prepare(const at::Tensor& student, const at::Tensor& teacher,
   return {args, group_ids};
 }
 
-// Rows per task: enough work per task that small problems do not pay for threads.
-int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1)); }
+// Rows per task: about 64K classes, so that small problems do not pay for threads.
+int64_t rows_per_task(int64_t vocab) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1));
+}
+
+// Run row_fn(row) for every row on torch's intra-op threads. Threads take tasks of consecutive
+// rows from a shared counter (a thread the OS preempts takes fewer, instead of holding up a
+// fixed half of the rows); each row is computed whole by one thread, so the results do not
+// depend on the number of threads or on which thread took a task.
+template <typename RowFn>
+void for_each_row(int64_t rows, int64_t vocab, const RowFn& row_fn) {
+  const int64_t task = rows_per_task(vocab);
+  std::atomic<int64_t> next_row{0};
+  at::parallel_for(0, rows, task, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t first = next_row.fetch_add(task);
+      if (first >= rows) break;
+      const int64_t last = std::min(rows, first + task);
+      for (int64_t row = first; row < last; ++row) row_fn(row);
+    }
+    simd::stream_fence();
+  });
+}
 
 inline bool row_is_valid(const GroupedKLArgs& args, int64_t row) {
   return args.row_valid == nullptr || args.row_valid[row];
@@ -810,23 +836,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_k
   StatsRowFn stats_row;
   GradRowFn unused;
   pick_row_functions(args, stats_row, unused);
-  at::parallel_for(0, rows, row_grain(args.vocab), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    for (int64_t row = begin; row < end; ++row) {
-      if (!row_is_valid(args, row)) {
-        // Neutral statistics for a masked row: finite, so nothing downstream turns into NaN.
-        std::fill(out.lse_student + row * num_groups, out.lse_student + (row + 1) * num_groups, 0.0f);
-        std::fill(out.lse_teacher + row * num_groups, out.lse_teacher + (row + 1) * num_groups, 0.0f);
-        std::fill(out.within_kl + row * num_groups, out.within_kl + (row + 1) * num_groups, 0.0f);
-        if (ce_rows) {
-          out.ce[row] = 0.0f;
-          out.lse_raw[row] = 0.0f;
-        }
-      } else if (stats_row != nullptr) {
-        stats_row(args, out, row);
-      } else {
-        stats_row_scalar(args, out, row, scratch);
+  for_each_row(rows, args.vocab, [&](int64_t row) {
+    thread_local std::vector<float> maxima;
+    thread_local std::vector<double> sums;
+    if (!row_is_valid(args, row)) {
+      // Neutral statistics for a masked row: finite, so nothing downstream turns into NaN.
+      std::fill(out.lse_student + row * num_groups, out.lse_student + (row + 1) * num_groups, 0.0f);
+      std::fill(out.lse_teacher + row * num_groups, out.lse_teacher + (row + 1) * num_groups, 0.0f);
+      std::fill(out.within_kl + row * num_groups, out.within_kl + (row + 1) * num_groups, 0.0f);
+      if (ce_rows) {
+        out.ce[row] = 0.0f;
+        out.lse_raw[row] = 0.0f;
       }
+    } else if (stats_row != nullptr) {
+      stats_row(args, out, row);
+    } else {
+      stats_row_scalar(args, out, row, maxima, sums);
     }
   });
   return {lse_student, lse_teacher, within_kl, ce, lse_raw};
@@ -877,17 +902,14 @@ at::Tensor grouped_kl_grad(
   StatsRowFn unused;
   GradRowFn grad_row;
   pick_row_functions(args, unused, grad_row);
-  at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      if (!row_is_valid(args, row)) {
-        fill_zero(in.grad_dtype, in.grad + row * vocab * in.grad_element_bytes, vocab);
-      } else if (grad_row != nullptr) {
-        grad_row(args, in, row);
-      } else {
-        grad_row_scalar(args, in, row);
-      }
+  for_each_row(rows, vocab, [&](int64_t row) {
+    if (!row_is_valid(args, row)) {
+      fill_zero(in.grad_dtype, in.grad + row * vocab * in.grad_element_bytes, vocab);
+    } else if (grad_row != nullptr) {
+      grad_row(args, in, row);
+    } else {
+      grad_row_scalar(args, in, row);
     }
-    simd::stream_fence();
   });
   return grad;
 }

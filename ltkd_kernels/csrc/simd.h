@@ -7,8 +7,8 @@
 //     all-ones lanes.
 //
 // The loader (ltkd_kernels/cpu/__init__.py) defines CPU_CAPABILITY_AVX512 / CPU_CAPABILITY_AVX2
-// from torch's own CPU capability check, with the matching -m flags. No -ffast-math: the kernels
-// rely on IEEE inf and NaN.
+// from torch's own CPU capability check, with the matching -m flags. No -ffast-math (the kernels
+// rely on IEEE inf and NaN) and -ffp-contract=off (only the explicit fmadd calls fuse).
 //
 // Group lookups: a chunk of W classes carries float group ids in [0, G), G <= kMaxVectorGroups.
 // GroupLanes<G> holds what a chunk needs to select per-group values (lookup) and to add into
@@ -27,6 +27,19 @@
 #include <immintrin.h>
 #endif
 
+// Forced inlining of the per-chunk code, so that a row's accumulators stay in registers (an
+// out-of-line call taking their address would keep them in memory).
+#if defined(__GNUC__) || defined(__clang__)
+#define LTKD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define LTKD_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define LTKD_ALWAYS_INLINE __forceinline
+#define LTKD_ALWAYS_INLINE_LAMBDA
+#else
+#define LTKD_ALWAYS_INLINE inline
+#define LTKD_ALWAYS_INLINE_LAMBDA
+#endif
+
 namespace ltkd {
 namespace simd {
 
@@ -39,6 +52,7 @@ constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
 // exp(x) for x below this is 0 in float (even as a denormal): it bounds the reduction's n.
 constexpr float kExpLow = -110.0f;
+constexpr float kExpHigh = 89.0f;  // exp(89) overflows float: +inf
 // e^r = 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3) on |r| <= ln2 / 2: a relative-error minimax fit,
 // max relative error 1.1e-7 exactly, 2e-7 (under 2 ulp) evaluated in float32. A degree-7 series
 // (Cephes, SLEEF u10) gains under 1 ulp for two more FMAs per element.
@@ -46,11 +60,16 @@ constexpr float kExpC2 = 0.499992311000824f;
 constexpr float kExpC3 = 0.16667114198207855f;
 constexpr float kExpC4 = 0.04189011827111244f;
 constexpr float kExpC5 = 0.00831252709031105f;
-constexpr float kExpHigh = 89.0f;  // exp(89) overflows float: +inf
 
 // Software prefetch of a line about to be streamed (hardware prefetchers alone leave a core
 // waiting on memory between the exps).
-inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
 
 #if defined(CPU_CAPABILITY_AVX512)
 

@@ -11,7 +11,9 @@
 // Two passes over the features: (1) norms and per-chunk partial sums of fh, (2) the dots with
 // the image's mean. Patches are split into fixed chunks of kPatchChunk, the unit of parallel
 // work; partial sums are combined in chunk order, so results do not depend on the thread count.
-// All accumulation in float32.
+// Accumulation in float32 within a patch and a chunk; the long sums over chunks (the mean) and
+// over patches (the softmax's denominator) in float64, so that a batch of a million rows keeps
+// float32 accuracy.
 #include "ltkd_cpu.h"
 #include "simd.h"
 
@@ -138,20 +140,21 @@ at::Tensor srw_weights(const at::Tensor& features, const std::optional<at::Tenso
     }
   });
 
-  // Per image: m = (sum of the chunk sums, in chunk order) / count.
+  // Per image: m = (sum of the chunk sums, in chunk order, in float64) / count.
   std::vector<float> means(static_cast<size_t>(images * dim), 0.0f);
   std::vector<int64_t> counts(static_cast<size_t>(images), 0);
   at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> total(static_cast<size_t>(dim));
     for (int64_t b = begin; b < end; ++b) {
-      float* mean = means.data() + b * dim;
+      std::fill(total.begin(), total.end(), 0.0);
       for (int64_t c = 0; c < chunks; ++c) {
-        add_scaled(mean, chunk_sums.data() + (b * chunks + c) * dim, 1.0f, dim);
+        const float* partial = chunk_sums.data() + (b * chunks + c) * dim;
+        for (int64_t d = 0; d < dim; ++d) total[d] += partial[d];
         counts[b] += chunk_counts[b * chunks + c];
       }
-      if (counts[b] > 0) {
-        const float inv_count = 1.0f / static_cast<float>(counts[b]);
-        for (int64_t d = 0; d < dim; ++d) mean[d] *= inv_count;
-      }
+      const double inv_count = counts[b] > 0 ? 1.0 / static_cast<double>(counts[b]) : 0.0;
+      float* mean = means.data() + b * dim;
+      for (int64_t d = 0; d < dim; ++d) mean[d] = static_cast<float>(total[d] * inv_count);
     }
   });
 
@@ -180,16 +183,16 @@ at::Tensor srw_weights(const at::Tensor& features, const std::optional<at::Tenso
       for (int64_t i = 0; i < patches; ++i) {
         if (used == nullptr || used[i]) max = std::max(max, logits[i]);
       }
-      float total = 0.0f;
+      double total = 0.0;
       for (int64_t i = 0; i < patches; ++i) {
         if (used == nullptr || used[i]) {
           logits[i] = std::exp(logits[i] - max);
           total += logits[i];
         }
       }
-      const float inv_total = 1.0f / total;
+      const double inv_total = 1.0 / total;
       for (int64_t i = 0; i < patches; ++i) {
-        if (used == nullptr || used[i]) logits[i] *= inv_total;
+        if (used == nullptr || used[i]) logits[i] = static_cast<float>(logits[i] * inv_total);
       }
     }
   });

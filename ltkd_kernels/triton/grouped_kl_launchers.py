@@ -23,6 +23,12 @@ def _group_mode(groups, group_target) -> int:
     return 2 if group_target is not None else 0
 
 
+def _pointers(placeholder, *tensors):
+    """Optional tensor arguments as kernel pointers: a missing one gets a valid tensor, which
+    the kernel's constexpr flags keep unread."""
+    return [placeholder if t is None else t for t in tensors]
+
+
 def _stats_blocks(vocab: int, num_groups: int):
     block_g = triton.next_power_of_2(num_groups)
     block_v = min(_MAX_BLOCK_V, max(16, _MAX_TILE // block_g), triton.next_power_of_2(vocab))
@@ -48,18 +54,10 @@ def launch_grouped_kl_stats(student, teacher, groups, group_target, teacher_log_
     lse_raw = student.new_empty((ce_rows,), dtype=torch.float32)
     if rows == 0:
         return lse_student, lse_teacher, within_kl, ce, lse_raw
-    # Unused pointer arguments get a valid tensor; the constexpr flags keep them unread.
-    placeholder = lse_student
     grouped_kl_stats_kernel[(rows,)](
         student, teacher,
-        groups if groups is not None else placeholder,
-        group_target if group_target is not None else placeholder,
-        teacher_log_weight if teacher_log_weight is not None else placeholder,
-        ce_target if ce_target is not None else placeholder,
-        row_valid if row_valid is not None else placeholder,
-        lse_student, lse_teacher, within_kl,
-        ce if ce_target is not None else placeholder,
-        lse_raw if ce_target is not None else placeholder,
+        *_pointers(lse_student, groups, group_target, teacher_log_weight, ce_target, row_valid),
+        lse_student, lse_teacher, within_kl, ce, lse_raw,
         student.stride(0), teacher.stride(0), vocab, num_groups, 1.0 / temperature,
         GROUP_MODE=_group_mode(groups, group_target),
         HAS_TEACHER_LOG_WEIGHT=teacher_log_weight is not None,
@@ -80,17 +78,11 @@ def launch_grouped_kl_grad(student, teacher, groups, group_target, teacher_log_w
     if rows == 0:
         return grad_student
     block_v = min(_GRAD_BLOCK_V, triton.next_power_of_2(vocab))
-    placeholder = lse_student
     grouped_kl_grad_kernel[(rows,)](
         student, teacher,
-        groups if groups is not None else placeholder,
-        group_target if group_target is not None else placeholder,
-        teacher_log_weight if teacher_log_weight is not None else placeholder,
-        ce_target if ce_target is not None else placeholder,
-        row_valid if row_valid is not None else placeholder,
+        *_pointers(lse_student, groups, group_target, teacher_log_weight, ce_target, row_valid),
         lse_student, lse_teacher, coef_student, coef_teacher,
-        lse_raw if ce_target is not None else placeholder,
-        grad_ce if ce_target is not None else placeholder,
+        *_pointers(lse_student, lse_raw, grad_ce),
         grad_student,
         student.stride(0), teacher.stride(0), vocab, num_groups, 1.0 / temperature,
         GROUP_MODE=_group_mode(groups, group_target),
