@@ -14,7 +14,8 @@ What is measured (all on the threads given by ``--threads``, default every core)
 
 - **time**: each call timed as forward (``loss = f(...)``) and backward (``loss.backward()``);
   ``--warmup`` untimed calls, then the medians over ``--repeats`` timed calls (``perf_counter``)
-  of the forward, the backward and their sum (full).
+  of the forward, the backward and their sum (full); also the process's user and system CPU
+  time of each part (``getrusage``, all threads): system time is the OS zeroing fresh pages.
 - **peak memory**: each provider runs one forward + backward in a fresh subprocess, after a
   small warm-up call: the kernel's resident high-water mark (``VmHWM``, reset to the current
   size through ``/proc/self/clear_refs`` just before the call) minus the resident size then
@@ -26,7 +27,9 @@ What is measured (all on the threads given by ``--threads``, default every core)
   both logits (``torch.dot`` of the two flattened tensors) for the forward, and reading both
   plus writing an N x V result (``torch.add`` into a fresh tensor, as the gradient is) for
   the backward. The fused loss must move ``2 N V 4`` bytes forward and ``3 N V 4`` backward;
-  achieved GB/s = those bytes / time. The time above the floors is computation (the exps).
+  achieved GB/s = those bytes / time. The cpu backend's forward time above its floor is
+  computation (the exps); its backward's is mostly the OS zeroing the pages of the fresh
+  N x V gradient (the system CPU time).
 - **accuracy**: every provider's loss and gradient on a ``(64, V)`` batch against the
   reference evaluated in float64.
 
@@ -40,6 +43,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -121,26 +125,41 @@ def _median_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_provider(loss_fn, student, teacher, groups, num_groups, warmup, repeats):
-    """Median forward, backward and forward + backward times in seconds.
+def _cpu_seconds():
+    """(user, system) CPU seconds of this process so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
 
-    Each call is timed in two parts, ``loss = loss_fn(...)`` then ``loss.backward()``; the
-    medians are taken over the calls for each part and for their sum.
+
+def time_provider(loss_fn, student, teacher, groups, num_groups, warmup, repeats):
+    """Medians over the timed calls, in seconds: wall time of the forward, the backward and
+    their sum, and the user / system CPU time (all threads) of the forward and the backward.
+
+    Each call is timed in two parts, ``loss = loss_fn(...)`` then ``loss.backward()``. System
+    time is the kernel's: mostly first-touch page faults, zeroing fresh memory for outputs.
     """
-    forward, backward, full = [], [], []
+    samples = {key: [] for key in ("forward", "backward", "full", "forward_user",
+                                   "forward_system", "backward_user", "backward_system")}
     for call in range(warmup + repeats):
+        cpu_start = _cpu_seconds()
         start = time.perf_counter()
         loss = loss_fn(student, teacher, groups, num_groups)
         middle = time.perf_counter()
+        cpu_middle = _cpu_seconds()
         loss.backward()
         end = time.perf_counter()
+        cpu_end = _cpu_seconds()
         student.grad = None
         del loss
         if call >= warmup:
-            forward.append(middle - start)
-            backward.append(end - middle)
-            full.append(end - start)
-    return statistics.median(forward), statistics.median(backward), statistics.median(full)
+            samples["forward"].append(middle - start)
+            samples["backward"].append(end - middle)
+            samples["full"].append(end - start)
+            samples["forward_user"].append(cpu_middle[0] - cpu_start[0])
+            samples["forward_system"].append(cpu_middle[1] - cpu_start[1])
+            samples["backward_user"].append(cpu_end[0] - cpu_middle[0])
+            samples["backward_system"].append(cpu_end[1] - cpu_middle[1])
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 def copy_bandwidth(rows: int, vocab: int, repeats: int = 7) -> float:
@@ -274,10 +293,13 @@ def run(rows_list: List[int], vocab: int, num_groups: int, providers: List[str],
                 "providers": {}}
         for name in providers:
             reps = eager_repeats if name != "cpu" else repeats
-            forward, backward, full = time_provider(PROVIDERS[name], student, teacher, groups,
-                                                    num_groups, warmup, reps)
+            times = time_provider(PROVIDERS[name], student, teacher, groups, num_groups,
+                                  warmup, reps)
+            forward, backward, full = times["forward"], times["backward"], times["full"]
             entry = {"forward_ms": forward * 1e3, "backward_ms": backward * 1e3,
                      "full_ms": full * 1e3, "repeats": reps,
+                     "cpu_time_ms": {key: value * 1e3 for key, value in times.items()
+                                     if key.endswith(("_user", "_system"))},
                      "forward_GBps": forward_bytes / forward / 1e9,
                      "backward_GBps": backward_bytes / backward / 1e9,
                      "full_GBps": (forward_bytes + backward_bytes) / full / 1e9}
@@ -296,16 +318,21 @@ def run(rows_list: List[int], vocab: int, num_groups: int, providers: List[str],
     return result
 
 
+def _rounded(values) -> tuple:
+    return tuple(round(x, 2) for x in values)
+
+
 def markdown(result: dict) -> str:
     machine = result["machine"]
     lines = [
         "# LTKD forward + backward on the CPU",
         "",
         f"{machine['date']}, torch {machine['torch']}, {machine['cpu_model']}, "
-        f"{machine['threads']} threads, float32, V = {result['vocab']}, G = {result['num_groups']}. "
+        f"{machine['threads']} threads, float32, V = {result['vocab']}, "
+        f"G = {result['num_groups']}. "
         f"Copy bandwidth {machine['copy_bandwidth_GBps']:.1f} GB/s (read + write). "
-        f"Load average at start {tuple(round(x, 2) for x in machine.get('load_average_at_start', ()))}, "
-        f"at end {tuple(round(x, 2) for x in machine.get('load_average_at_end', ()))}.",
+        f"Load average at start {_rounded(machine.get('load_average_at_start', ()))}, "
+        f"at end {_rounded(machine.get('load_average_at_end', ()))}.",
         "",
         f"Command: `{machine['command']}`",
         "",
@@ -328,6 +355,24 @@ def markdown(result: dict) -> str:
     for case in result["cases"]:
         lines.append(f"| {case['rows']} | {case['floor_read_both_ms']:.1f} | "
                      f"{case['floor_read_both_write_ms']:.1f} |")
+    bandwidth = machine["copy_bandwidth_GBps"] * 1e9
+    lines += ["", "Where the cpu backend's time goes (floors: the bytes it must move at the copy "
+              "bandwidth; CPU time summed over threads, system = page faults zeroing the fresh "
+              "gradient):", "",
+              "| N | forward ms (floor) | forward user / sys CPU ms | backward ms (floor) "
+              "| backward user / sys CPU ms |", "|---|---|---|---|---|"]
+    for case in result["cases"]:
+        entry = case["providers"].get("cpu")
+        if entry is None:
+            continue
+        cpu_ms = entry["cpu_time_ms"]
+        floor_forward = case["bytes_forward"] / bandwidth * 1e3
+        floor_backward = case["bytes_backward"] / bandwidth * 1e3
+        lines.append(
+            f"| {case['rows']} | {entry['forward_ms']:.1f} ({floor_forward:.1f}) | "
+            f"{cpu_ms['forward_user']:.0f} / {cpu_ms['forward_system']:.0f} | "
+            f"{entry['backward_ms']:.1f} ({floor_backward:.1f}) | "
+            f"{cpu_ms['backward_user']:.0f} / {cpu_ms['backward_system']:.0f} |")
     lines += ["", "Accuracy on a (64, V) batch, relative to the float64 reference:", "",
               "| provider | loss | gradient (max abs / max abs ref) |", "|---|---|---|"]
     for name, errors in result["accuracy"].items():

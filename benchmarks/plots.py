@@ -256,6 +256,16 @@ def summary_markdown(rows: List[Dict], metadata: Dict) -> str:
         lines.append(f"- `{provider}` left out: {reason}")
     if metadata.get("quick"):
         lines.append(f"- `--quick`: {metadata['quick']}")
+    in_cache = {(r["loss"], r["N"], r["V"], r["G"], r["D"], r["dtype"]) for r in rows
+                if r.get("inputs_fit_in_cache") in (True, "True")}
+    if in_cache:
+        llc = device.get("last_level_cache_bytes")
+        size = f"{llc / 2 ** 20:.0f} MiB " if llc else ""
+        total = len({(r["loss"], r["N"], r["V"], r["G"], r["D"], r["dtype"]) for r in rows})
+        lines.append(f"- for {len(in_cache)} of {total} problems all rotated input sets together "
+                     f"fit in the {size}last-level cache (column `inputs_fit_in_cache`): there "
+                     f"the inputs may come from cache, while the floor uses the copy bandwidth "
+                     f"of memory")
     lines += ["", "Cells: median time of one call · peak memory above the inputs (see "
               "`benchmarks/measure.py`). FAIL: the provider disagrees with the float64 reference "
               "and is not timed. —: not run for this problem.", ""]

@@ -214,12 +214,12 @@ def _rotated_sets(inputs, count: int):
 
 
 def _input_set_count(inputs, device: torch.device) -> int:
-    """On the CPU, enough input sets to pass twice the last-level cache, at most 4 (on CUDA
+    """On the CPU, enough input sets to pass twice the last-level cache, at most 8 (on CUDA
     the timer flushes the L2 cache instead)."""
     if device.type == "cuda":
         return 1
     llc = measure.last_level_cache_bytes() or 0
-    return max(1, min(4, math.ceil(2 * llc / max(inputs.set_bytes, 1))))
+    return max(1, min(8, math.ceil(2 * llc / max(inputs.set_bytes, 1))))
 
 
 def _check_subset(problem: Problem, inputs, rows: int):
@@ -502,7 +502,7 @@ def parse_args(argv=None):
                         help="minimum timed calls per measurement (default 3 quick, 5 otherwise)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed calls per measurement before stopping (after the "
-                             "minimum; default 0.25 quick, 1.0 otherwise)")
+                             "minimum; default 0.1 quick, 1.0 otherwise)")
     parser.add_argument("--check-max-elements", type=int, default=CHECK_MAX_ELEMENTS,
                         help="check against the float64 reference on all rows up to this N x V; "
                              "larger problems are checked on their first rows")
@@ -535,7 +535,7 @@ def main(argv=None) -> int:
         warmup=1,
         min_reps=args.reps or (3 if args.quick else 5),
         max_reps=20 if args.quick else 50,
-        budget_s=args.budget if args.budget is not None else (0.25 if args.quick else 1.0),
+        budget_s=args.budget if args.budget is not None else (0.1 if args.quick else 1.0),
         check_max_elements=args.check_max_elements,
         progress=not args.no_progress,
     )
@@ -571,6 +571,10 @@ def main(argv=None) -> int:
     print(f"device: {info['name']}; torch {torch.__version__}; {len(tasks)} problems; "
           f"C++ backend first use {cpu_first_use_s:.1f} s")
     probe_start = measure.parallel_stall_probe(device)
+    if probe_start is not None and probe_start["median_ms"] > 1.0:
+        print(f"warning: the machine is busy: a 4 MiB fill_ over {probe_start['threads']} threads "
+              f"takes {probe_start['median_ms']:.1f} ms (tens of microseconds when idle); small "
+              f"ops will stall and the timings will say more about the load than the code")
     bandwidth, bandwidth_details = measure.copy_bandwidth(device)
     print(f"copy bandwidth: {bandwidth:.2f} GB/s (bytes read + written, "
           f"{bandwidth_details['copy_source_bytes'] / 2 ** 20:.0f} MiB copy, median of "

@@ -122,10 +122,15 @@ def _compare(call, student, teacher, dtype, **options):
     return out, grad
 
 
+# The G = 100 reference loops over its groups: keep it to V <= 1031 (the scalar path's long
+# rows are covered by G = 9).
+LOSS_SHAPES = [(name, leading, vocab) for name in LOSS_NAMES for leading, vocab in SHAPES
+               if not (name == "ltkd_G100_empty" and vocab > 1031)]
+
+
 @requires_cpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("leading,vocab", SHAPES)
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name,leading,vocab", LOSS_SHAPES)
 def test_losses_match_reference_and_float64(name, leading, vocab, dtype):
     call = _loss_calls(vocab, leading)[name]
     student, teacher = _logits((*leading, vocab), dtype)
@@ -395,7 +400,13 @@ print(reason)
     ({"CXX": "/bin/false"}, "build_error.log"),  # a compiler that fails: the build error
 ])
 def test_unavailable_backend_is_left_out_with_its_reason(tmp_path, environment, expected):
-    env = dict(os.environ, LTKD_KERNELS_CACHE_DIR=str(tmp_path), **environment)
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if environment.get("CXX") == "/bin/false" and not is_ninja_available():
+        expected = "ninja"  # the loader stops before building
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("LTKD_KERNELS_DISABLE_CPU", "CXX")}
+    env.update(LTKD_KERNELS_CACHE_DIR=str(tmp_path), **environment)
     done = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -49,11 +49,14 @@ at::Tensor vector_exp(const at::Tensor& x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ltkd_kernels C++ CPU kernels: grouped KL (LTKD, KD, DKD, BKD) and SRW";
-  m.def("grouped_kl_stats", &ltkd::grouped_kl_stats,
+  // The kernels touch no Python object: other Python threads run while they do.
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  m.def("grouped_kl_stats", &ltkd::grouped_kl_stats, release_gil(),
         "Per-row group log-sum-exps, within-group KLs and cross-entropy in one read");
-  m.def("grouped_kl_grad", &ltkd::grouped_kl_grad,
+  m.def("grouped_kl_grad", &ltkd::grouped_kl_grad, release_gil(),
         "Gradient of the grouped KL with respect to the student logits");
-  m.def("srw_weights", &ltkd::srw_weights, "SRW weights (B, P) from features (B, P, D)");
+  m.def("srw_weights", &ltkd::srw_weights, release_gil(),
+        "SRW weights (B, P) from features (B, P, D)");
   m.def("build_info", &ltkd::build_info, "How the extension was compiled");
   m.def("vector_exp", &ltkd::vector_exp, "The kernels' vectorised exp (for testing)");
 }

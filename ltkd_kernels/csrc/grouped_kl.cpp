@@ -588,7 +588,8 @@ void grad_row_vectorized_impl(const GroupedKLArgs& args, const GradInputs& in, i
     for (int64_t j = 0; j < full; j += kWidth) {
       simd::prefetch(x + j + kPrefetchAhead);
       simd::prefetch(t + j + kPrefetchAhead);
-      const Vec grad = chunk(x + j, t + j, kLogWeight ? lw + j : nullptr, G > 1 ? gid + j : nullptr);
+      const Vec grad =
+          chunk(x + j, t + j, kLogWeight ? lw + j : nullptr, G > 1 ? gid + j : nullptr);
       if constexpr (kStream) {
         simd::stream_store(out + j, grad);
       } else {
@@ -648,7 +649,9 @@ void grad_row_scalar(const GroupedKLArgs& args, const GradInputs& in, int64_t ro
       if (has_ce) grad += grad_ce * std::exp(x[i] - lse_raw);
       out_buffer[i] = grad;
     }
-    if (has_ce && ce_target >= start && ce_target < start + n) out_buffer[ce_target - start] -= grad_ce;
+    if (has_ce && ce_target >= start && ce_target < start + n) {
+      out_buffer[ce_target - start] -= grad_ce;
+    }
     store_from_float(out_buffer, in.grad_dtype, grad_row + start * in.grad_element_bytes, n);
   }
 }
@@ -715,7 +718,8 @@ const int64_t* index_vector(const std::optional<at::Tensor>& t, int64_t length, 
               name, " must be a contiguous CPU int64 tensor of shape (", length, ",)");
   const int64_t* p = t->data_ptr<int64_t>();
   for (int64_t i = 0; i < length; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < bound, name, " values must lie in [0, ", bound, "), got ", p[i]);
+    TORCH_CHECK(p[i] >= 0 && p[i] < bound, name, " values must lie in [0, ", bound, "), got ",
+                p[i]);
   }
   return p;
 }
@@ -759,7 +763,8 @@ PreparedArgs prepare(const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& w = *teacher_log_weight;
     TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 1 &&
                     w.size(0) == vocab && w.is_contiguous(),
-                "teacher_log_weight must be a contiguous CPU float32 tensor of shape (", vocab, ",)");
+                "teacher_log_weight must be a contiguous CPU float32 tensor of shape (", vocab,
+                ",)");
     log_weight = w.data_ptr<float>();
   }
   const bool* valid = nullptr;
@@ -773,7 +778,8 @@ PreparedArgs prepare(const at::Tensor& student, const at::Tensor& teacher,
   GroupedKLArgs args{RowMatrix(student),
                      RowMatrix(teacher),
                      group_ids.defined() ? group_ids.data_ptr<float>() : nullptr,
-                     groups.has_value() ? nullptr : index_vector(group_target, rows, vocab, "group_target"),
+                     groups.has_value() ? nullptr
+                                        : index_vector(group_target, rows, vocab, "group_target"),
                      log_weight,
                      index_vector(ce_target, rows, vocab, "ce_target"),
                      valid,

@@ -94,7 +94,9 @@ inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }  // a
 inline Mask greater(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 inline Mask either(Mask a, Mask b) { return static_cast<Mask>(a | b); }
 inline bool any(Mask m) { return m != 0; }
-inline Vec select(Mask m, Vec if_true, Vec if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+inline Vec select(Mask m, Vec if_true, Vec if_false) {
+  return _mm512_mask_blend_ps(m, if_false, if_true);
+}
 inline Vec masked_add(Vec acc, Mask m, Vec x) { return _mm512_mask_add_ps(acc, m, acc, x); }
 
 // exp with under 2 ulp error (see kExpC2..5): x = n ln2 + r, |r| <= ln2 / 2,
@@ -103,7 +105,8 @@ inline Vec masked_add(Vec acc, Mask m, Vec x) { return _mm512_mask_add_ps(acc, m
 inline Vec exp(Vec x) {
   // max/min return their second operand when one is NaN: x is second, so NaN passes through.
   Vec xc = _mm512_min_ps(set1(kExpHigh), _mm512_max_ps(set1(kExpLow), x));
-  Vec n = _mm512_roundscale_ps(mul(xc, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  Vec n = _mm512_roundscale_ps(mul(xc, set1(kLog2e)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   Vec r = _mm512_fnmadd_ps(n, set1(kLn2Hi), xc);
   r = _mm512_fnmadd_ps(n, set1(kLn2Lo), r);
   Vec q = fmadd(set1(kExpC5), r, set1(kExpC4));
