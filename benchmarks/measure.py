@@ -335,9 +335,13 @@ def versions() -> dict:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout
-        out["git_commit"] = (commit + ("+uncommitted" if dirty.strip() else "")) or None
+        # Tracked files that differ from the commit (earlier results excepted): the code
+        # measured is the commit plus these.
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                 ".", ":(exclude)benchmarks/results"],
+                                cwd=root, capture_output=True, text=True, timeout=10).stdout
+        out["git_commit"] = commit or None
+        out["git_modified_files"] = [line[3:] for line in status.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
     return out

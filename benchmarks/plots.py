@@ -241,7 +241,11 @@ def summary_markdown(rows: List[Dict], metadata: Dict) -> str:
                  f"{device.get('load_average_at_end')} at the end")
     lines.append(f"- date: {metadata.get('date')}; command: `{metadata.get('command')}`; "
                  f"wall time {metadata.get('wall_s', 0):.0f} s")
-    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()
+                                            if v and k != "git_modified_files"))
+    if versions.get("git_modified_files"):
+        lines.append("- files differing from that commit when measured: "
+                     + ", ".join(f"`{f}`" for f in versions["git_modified_files"]))
     lines.append(f"- copy bandwidth (bytes read + written): "
                  f"{metadata.get('copy_bandwidth_gb_per_s', 0):.2f} GB/s at the start, "
                  f"{metadata.get('copy_bandwidth_end', {}).get('gb_per_s', 0):.2f} GB/s at the end")

@@ -36,7 +36,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import torch
@@ -104,7 +104,6 @@ class Settings:
     budget_s: float = 1.0
     check_max_elements: int = CHECK_MAX_ELEMENTS
     progress: bool = True
-    notes: List[str] = field(default_factory=list)
 
 
 def _csv_list(text: str, cast=str) -> List:
