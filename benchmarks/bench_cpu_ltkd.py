@@ -52,43 +52,23 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ltkd_kernels as lk  # noqa: E402
+from benchmarks import eager  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def eager_ltkd_loss(student, teacher, groups, num_groups=None, *, alpha=1.0, beta=1.0,
                     temperature=1.0):
-    """LTKD written as the papers' code does: eager PyTorch, every intermediate N x V.
-
-    ``l_r = T^2 [alpha KL(q_r || p^S_{G,r}) + beta sum_k KL(pt^T_{r,k} || pt^S_{r,k})]`` with
-    group masses by ``index_add_``, ``pB`` the batch mean of the teacher's group masses and
-    ``q = normalize(mean(pB) / pB * p^T_G)``; batch mean over rows. The same loss as
-    ``ltkd_kernels.ltkd_loss`` with its defaults (``rebalance=True``, uniform within weights),
-    for groups that are all non-empty.
-    """
-    T = temperature
-    rows = student.shape[0]
+    """LTKD as the papers' code writes it (``benchmarks.eager.ltkd_loss``: log_softmax,
+    ``index_add_`` group sums, every intermediate N x V), with this file's call signature."""
     num_groups = int(groups.max()) + 1 if num_groups is None else num_groups
-    log_p_student = F.log_softmax(student.float() / T, dim=1)
-    log_p_teacher = F.log_softmax(teacher.float().detach() / T, dim=1)
-    p_student = log_p_student.exp()
-    p_teacher = log_p_teacher.exp()
-    group_student = p_student.new_zeros(rows, num_groups).index_add_(1, groups, p_student)
-    group_teacher = p_teacher.new_zeros(rows, num_groups).index_add_(1, groups, p_teacher)
-    batch_mass = group_teacher.mean(0)
-    q = group_teacher * (batch_mass.mean() / batch_mass)
-    q = q / q.sum(1, keepdim=True)
-    cross = (q * (q.log() - group_student.log())).sum(1)
-    log_pt_student = log_p_student - group_student.log()[:, groups]
-    log_pt_teacher = log_p_teacher - group_teacher.log()[:, groups]
-    within = (log_pt_teacher.exp() * (log_pt_teacher - log_pt_student)).sum(1)
-    return T * T * (alpha * cross + beta * within).mean()
+    return eager.ltkd_loss(student, teacher, groups, num_groups, alpha=alpha, beta=beta,
+                           temperature=temperature)
 
 
 def cpu_ltkd_loss(student, teacher, groups, num_groups=None, **options):
