@@ -147,6 +147,10 @@ def grouped_kl_row_losses(lse_student, lse_teacher, within, valid, *, alpha, bet
     (N, G) arithmetic turns them into row losses, and autograd carries the gradient back to the
     statistics (and from there, through the kernels' backward, to the logits).
     """
+    if lse_student.shape[-1] == 1:
+        # One group (KD, BKD): the group masses are both 1, so the cross term is 0 and c = 1.
+        within_sum = torch.where(valid, within[:, 0], torch.zeros_like(within[:, 0]))
+        return temperature ** 2 * beta * within_sum
     log_p_student = lse_student - _safe_logsumexp(lse_student, dim=-1).unsqueeze(-1)
     log_p_teacher = lse_teacher - _safe_logsumexp(lse_teacher, dim=-1).unsqueeze(-1)
     p_teacher = log_p_teacher.exp().detach()
