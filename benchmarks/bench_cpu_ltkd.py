@@ -58,6 +58,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import ltkd_kernels as lk  # noqa: E402
 from benchmarks import eager  # noqa: E402
+from benchmarks.measure import cpu_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -228,20 +229,11 @@ def peak_memory(provider: str, rows: int, vocab: int, num_groups: int, threads: 
 
 # --- the run ----------------------------------------------------------------------------------
 def machine_description(threads: int) -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,21 +33,11 @@ from pathlib import Path
 import torch
 
 import ltkd_kernels as lk
+from benchmarks.measure import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "srw_cpu.json"
 DIM = 256
 SIZES = (1_000_000, 60_000)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _timed(fn) -> float:
@@ -144,7 +133,7 @@ def main(argv=None) -> dict:
                             + list(argv if argv is not None else sys.argv[1:])),
         "torch": torch.__version__,
         "ltkd_kernels": lk.__version__,
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,

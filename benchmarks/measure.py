@@ -282,7 +282,8 @@ def parallel_stall_probe(device: torch.device, reps: int = 30) -> Optional[dict]
                 median_ms=round(timing.median_ms, 4), p80_ms=round(timing.p80_ms, 4))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -297,7 +298,7 @@ def device_info(device: torch.device) -> dict:
     """What the results were measured on: CPU model, cores, threads, caches, load; the GPU."""
     info = dict(
         type=device.type,
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         logical_cpus=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         last_level_cache_bytes=last_level_cache_bytes(),

@@ -18,7 +18,6 @@ BKD   one group                 no          1              ``log w`` (+ CE)
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

@@ -21,14 +21,10 @@ Computation is in float32, or float64 for float64 inputs.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 
 from ._validation import (
-    check_class_counts,
     check_class_weight,
-    check_features,
     check_groups,
     check_logits_pair,
     check_option,
