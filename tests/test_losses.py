@@ -355,3 +355,31 @@ def test_teacher_gets_no_gradient(backend):
     t = teacher.clone().requires_grad_()
     lk.ltkd_loss(s, t, _groups(64, 3), 3, backend=backend).backward()
     assert t.grad is None and s.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [2, 37])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_dkd_bkd_target_on_edge_classes(where, vocab, backend):
+    """One row, the target on the first or the last class (the DKD group-0 edge cases)."""
+    target = torch.tensor([0 if where == "first" else vocab - 1])
+    student, teacher = _logits((1, vocab), torch.float32)
+    weight = torch.rand(vocab) + 0.1
+    cases = [
+        (lambda s: lk.dkd_loss(s, teacher, target, backend=backend),
+         lambda s: eq.dkd_rows(s, teacher.double(), target)),
+        (lambda s: lk.bkd_loss(s, teacher, weight, target=target, backend=backend),
+         lambda s: eq.bkd_rows(s, teacher.double(), weight, 2.0, target)),
+    ]
+    # With two classes the KL is a small difference of O(1) terms scaled by T^2 (16 for DKD):
+    # fp32 rounding of those terms bounds the absolute error, so atol is in units of T^2.
+    for (call, rows64), temperature in zip(cases, (4.0, 2.0)):
+        s = student.clone().requires_grad_()
+        loss = call(s)
+        loss.backward()
+        s64 = student.double().requires_grad_()
+        loss64 = rows64(s64).sum()
+        loss64.backward()
+        torch.testing.assert_close(loss.double(), loss64.detach(), rtol=1e-5,
+                                   atol=1e-6 * temperature ** 2)
+        assert_grad_close(s.grad, s64.grad)
