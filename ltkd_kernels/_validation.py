@@ -73,16 +73,17 @@ def check_logits_pair(student, teacher, *, allow_float64: bool = False,
 
 
 def check_row_tensor(name: str, value, leading: torch.Size, device, *, floating=False,
-                     boolean=False) -> Optional[torch.Tensor]:
-    """An optional per-row tensor (``sample_weight``, ``mask``) of the logits' leading shape."""
+                     boolean=False, of: str = "logits") -> Optional[torch.Tensor]:
+    """An optional per-row tensor (``sample_weight``, ``mask``) of the leading shape of ``of``
+    (the logits, or SRW's features)."""
     if value is None:
         return None
     check_tensor(name, value)
     if tuple(value.shape) != tuple(leading):
-        raise ValueError(f"{name} must have the logits' leading shape {tuple(leading)}, "
+        raise ValueError(f"{name} must have the {of}' leading shape {tuple(leading)}, "
                          f"got {tuple(value.shape)}")
     if value.device != device:
-        raise ValueError(f"{name} must be on the logits' device {device}, got {value.device}")
+        raise ValueError(f"{name} must be on the {of}' device {device}, got {value.device}")
     if boolean and value.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got {_dtype_name(value.dtype)}")
     if floating and not value.is_floating_point():
@@ -199,19 +200,8 @@ def check_features(features) -> torch.Tensor:
 
 def check_feature_mask(mask, features: torch.Tensor) -> Optional[torch.Tensor]:
     """SRW ``mask``: bool of the features' leading shape (``(N,)`` or ``(B, P)``), True = valid."""
-    if mask is None:
-        return None
-    check_tensor("mask", mask)
-    leading = tuple(features.shape[:-1])
-    if tuple(mask.shape) != leading:
-        raise ValueError(f"mask must have the features' leading shape {leading} "
-                         f"(True = a valid sample or patch), got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {_dtype_name(mask.dtype)}")
-    if mask.device != features.device:
-        raise ValueError(f"mask must be on the features' device {features.device}, "
-                         f"got {mask.device}")
-    return mask
+    return check_row_tensor("mask", mask, features.shape[:-1], features.device, boolean=True,
+                            of="features")
 
 
 def check_srw_arguments(features, tau, mask, eps):
