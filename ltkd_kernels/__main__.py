@@ -93,18 +93,11 @@ def _run_demo(args: argparse.Namespace, argv: List[str], parser: argparse.Argume
     if args.quick:
         fields["teacher_hidden"] = QUICK["teacher_hidden"]
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
-    fields["methods"] = demo.available_methods() if methods == ["all"] else tuple(methods)
+    fields["methods"] = demo.METHODS if methods == ["all"] else tuple(methods)
     try:
         cfg = demo.DemoConfig(**fields)
     except demo.DemoConfigError as err:
         parser.error(f"argument {_FLAG_OF.get(err.field, err.field)}: {err.message}")
-    missing = [m for m in cfg.methods if m not in demo.available_methods()]
-    if missing:
-        parser.error(f"argument --methods: {', '.join(missing)} needs lk.SRWeighting, which "
-                     f"this install of ltkd_kernels does not have")
-    if methods == ["all"] and len(cfg.methods) < len(demo.METHODS):
-        print("note: ltkd+srw is left out: lk.SRWeighting is not in this install",
-              file=sys.stderr)
     if cfg.backend != "auto":
         from .backends import unavailable_reason
 

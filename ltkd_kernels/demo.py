@@ -314,16 +314,6 @@ def train_teacher(data: LongTailedData, cfg: DemoConfig) -> MLP:
     return teacher
 
 
-def _srw_module():
-    """``lk.SRWeighting`` when this install has it, else ``None``."""
-    return getattr(lk, "SRWeighting", None)
-
-
-def available_methods() -> Tuple[str, ...]:
-    """The methods this install can run (``ltkd+srw`` needs ``lk.SRWeighting``)."""
-    return tuple(m for m in METHODS if m != "ltkd+srw" or _srw_module() is not None)
-
-
 # Hyperparameters from the methods' papers: KD T=4 (CIFAR setting), DKD alpha=1 beta=8 T=4,
 # BKD T=2 with effective-number weights, LTKD T=4. Every distillation term is added to the
 # cross-entropy with weight 1 (the losses carry their own T^2 factor).
@@ -351,11 +341,7 @@ def make_criterion(method: str, counts: Sequence[int], groups: torch.Tensor, num
                            temperature=LTKD_TEMPERATURE, backend=backend)
         return lambda s, t, y, f: loss(s, t)
     if method == "ltkd+srw":
-        srw_cls = _srw_module()
-        if srw_cls is None:
-            raise RuntimeError("method 'ltkd+srw' needs lk.SRWeighting, which this install of "
-                               "ltkd_kernels does not have")
-        srw = srw_cls(tau=SRW_TAU, backend=backend)
+        srw = lk.SRWeighting(tau=SRW_TAU, backend=backend)
         loss = lk.LTKDLoss(groups, num_groups, alpha=LTKD_ALPHA, beta=LTKD_BETA,
                            temperature=LTKD_TEMPERATURE, reduction="sum", backend=backend)
         # SRW weights sum to 1 over the batch, so the "sum" reduction is a weighted mean on
@@ -467,7 +453,6 @@ class DemoResult:
     students: List[StudentRun] = field(default_factory=list)
     backend: str = "torch"
     seconds: float = 0.0
-    skipped: List[str] = field(default_factory=list)
 
     def accuracy_rows(self) -> List[Tuple[str, List[float]]]:
         """``(label, [acc per group..., all])`` for the teacher and every student."""
@@ -526,7 +511,6 @@ def write_outputs(result: DemoResult, command: Optional[str] = None) -> Dict[str
                       "loss_backward_seconds": r.loss_backward_seconds,
                       "loss_share": None if r.method == "ce" else r.loss_share}
                      for r in result.students],
-        "skipped_methods": result.skipped,
         "environment": {"torch": torch.__version__, "ltkd_kernels": lk.__version__,
                         "python": platform.python_version(), "machine": platform.machine(),
                         "loss_backend": result.backend, "threads": cfg.threads,
@@ -594,11 +578,7 @@ def write_chart(result: DemoResult, path: str) -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    """Train the teacher and one student per method on the CPU; return the scores.
-
-    Methods that this install cannot run (``ltkd+srw`` without ``lk.SRWeighting``) are
-    skipped with a note and listed in ``result.skipped``.
-    """
+    """Train the teacher and one student per method on the CPU; return the scores."""
     start = time.perf_counter()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
@@ -619,11 +599,6 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             print(f"{'teacher (CE)':<17}" + "  ".join(
                 f"{k} {v:5.1f}" for k, v in result.teacher.items()), file=sys.stderr)
         for method in cfg.methods:
-            if method not in available_methods():
-                print(f"note: skipping {method}: lk.SRWeighting is not in this install of "
-                      f"ltkd_kernels", file=sys.stderr)
-                result.skipped.append(method)
-                continue
             result.students.append(train_student(method, data, teacher, groups, group_names, cfg))
         result.seconds = time.perf_counter() - start
         return result
@@ -635,8 +610,6 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 def format_report(result: DemoResult, paths: Dict[str, str]) -> str:
     """What the CLI prints: the setting, the table, how ``loss %`` is measured, the files."""
     lines = [_describe(result), "", format_table(result), ""]
-    if result.skipped:
-        lines.append(f"skipped (not in this install): {', '.join(result.skipped)}")
     lines.append("accuracy: % of the balanced test set, per group of the true class. loss %: the "
                  "distillation loss's forward + backward time as a share of the training step "
                  "(batch, teacher forward, student forward and backward, optimizer step).")

@@ -15,7 +15,7 @@ from ltkd_kernels import demo
 from ltkd_kernels.__main__ import main
 
 QUICK = ["demo", "--quick", "--backend", "torch", "--no-progress"]
-LABELS = [demo.METHOD_LABELS[m] for m in demo.available_methods()]
+LABELS = [demo.METHOD_LABELS[m] for m in demo.METHODS]
 
 
 def _run(capsys, out, *extra):
@@ -65,7 +65,7 @@ def test_quick_demo_prints_table_writes_chart_and_is_reproducible(tmp_path, caps
         png = tmp_path / "a" / "accuracy.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(files["results.json"].read_text())
-    assert [s["method"] for s in saved["students"]] == list(demo.available_methods())
+    assert [s["method"] for s in saved["students"]] == list(demo.METHODS)
     for s in saved["students"]:
         assert (s["loss_share"] is None) == (s["method"] == "ce")
         if s["loss_share"] is not None:
