@@ -1,9 +1,11 @@
-"""Test configuration: Triton kernels run on the CPU through the interpreter.
+"""Test configuration, the shared case tables and the tolerance rule.
 
-TRITON_INTERPRET must be set before the kernels are first imported (triton.jit reads it then).
+TRITON_INTERPRET must be set before the kernels are first imported (triton.jit reads it then):
+Triton kernels run on the CPU through the interpreter.
 """
 import os
 import zlib
+from typing import NamedTuple, Optional
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -11,6 +13,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import ltkd_kernels as lk  # noqa: E402
+from ltkd_kernels.ops.config import (  # noqa: E402
+    GROUP_CLASS,
+    GROUP_ONE,
+    GROUP_TARGET,
+    TEACHER_DENSE,
+    TOPK_BUCKET,
+    TOPK_RENORMALIZE,
+    TOPK_RESTRICT,
+    GroupedKLConfig,
+)
 
 
 def kernel_backends():
@@ -23,7 +35,130 @@ def kernel_backends():
     return names
 
 
+def ops_module(backend: str):
+    """The module holding a kernel backend's ``states``, ``finish``, ``grad``, ``loss_forward``."""
+    if backend == "triton":
+        from ltkd_kernels.triton import grouped_kl as ops
+        return ops
+    if backend == "cpu":
+        from ltkd_kernels.cpu import grouped_kl as ops
+        return ops
+    from ltkd_kernels.ops import grouped_kl_torch as ops
+    return ops
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Fresh random inputs per test, but reproducible from the test's name.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator cases (tests/test_ops.py): every configuration the losses give the three operators.
+
+class OpCase(NamedTuple):
+    name: str
+    cfg: GroupedKLConfig
+    teacher: str = "dense"          # "dense" or "topk"
+    topk: int = 0                   # entries per row (clamped to V)
+    class_weight: bool = False
+    target: bool = False            # pass a target (DKD groups, CE, ignore_index rows)
+    ignore_rows: bool = False       # some targets equal ignore_index
+    mask: Optional[torch.dtype] = None
+    sample_weight: bool = False
+    group_logmass: bool = False
+    neg_inf: bool = False           # -inf logits at the same classes, a whole group masked
+    pad: bool = False               # top-k rows padded with -1 / -inf entries
+    min_vocab: int = 1
+
+
+_LTKD = GroupedKLConfig(num_groups=3, temperature=4.0, alpha=0.7, beta=1.3, rebalance=True,
+                        group_rule=GROUP_CLASS)
+OP_CASES = [
+    OpCase("kd", GroupedKLConfig(temperature=2.0)),
+    OpCase("ltkd", _LTKD),
+    OpCase("ltkd_teacher_within", _LTKD._replace(rebalance=False, within_teacher=True,
+                                                 temperature=1.5)),
+    OpCase("ltkd_G8_masked_rows", _LTKD._replace(num_groups=8, temperature=0.5),
+           mask=torch.bool, sample_weight=True),
+    OpCase("ltkd_G100_empty", _LTKD._replace(num_groups=100, temperature=1.0)),
+    OpCase("ltkd_neg_inf", _LTKD, neg_inf=True, min_vocab=6),
+    OpCase("dkd", GroupedKLConfig(num_groups=2, temperature=4.0, beta=8.0,
+                                  group_rule=GROUP_TARGET), target=True),
+    OpCase("dkd_shard", GroupedKLConfig(num_groups=2, temperature=4.0, beta=8.0,
+                                        group_rule=GROUP_TARGET, vocab_offset=7), target=True),
+    OpCase("bkd_ce_ignore", GroupedKLConfig(temperature=3.0, ce_weight=1.0), class_weight=True,
+           target=True, ignore_rows=True, mask=torch.int64, sample_weight=True),
+    OpCase("kd_ce_half", GroupedKLConfig(temperature=1.0, ce_weight=0.5), target=True),
+    OpCase("topk_ltkd", _LTKD._replace(topk_rule=TOPK_RENORMALIZE), teacher="topk", topk=8,
+           pad=True),
+    OpCase("topk_ltkd_logmass", _LTKD._replace(topk_rule=TOPK_RENORMALIZE, within_teacher=True),
+           teacher="topk", topk=8, group_logmass=True),
+    OpCase("topk_kd_restrict", GroupedKLConfig(temperature=2.0, topk_rule=TOPK_RESTRICT),
+           teacher="topk", topk=5, pad=True),
+    OpCase("topk_kd_bucket", GroupedKLConfig(num_groups=2, topk_rule=TOPK_BUCKET),
+           teacher="topk", topk=6, pad=True, min_vocab=2),
+    OpCase("topk_dkd", GroupedKLConfig(num_groups=2, temperature=4.0, beta=8.0,
+                                       group_rule=GROUP_TARGET, topk_rule=TOPK_RENORMALIZE),
+           teacher="topk", topk=8, target=True),
+    OpCase("topk_bkd", GroupedKLConfig(temperature=2.0, topk_rule=TOPK_RENORMALIZE),
+           teacher="topk", topk=8, class_weight=True),
+]
+
+# (N, V): one row and V = 1; odd sizes that are not block multiples; past one 2048 block.
+OP_SHAPES = [(1, 1), (3, 37), (4, 1031), (2, 4099)]
+
+
+def make_op_inputs(case: OpCase, rows: int, vocab: int, dtype):
+    """Random inputs of a case at ``(rows, vocab)`` (None when the case needs a larger V)."""
+    if vocab < case.min_vocab:
+        return None, None
+    cfg = case.cfg
+    student = (torch.randn(rows, vocab) * 2.0).to(dtype)
+    teacher = (torch.randn(rows, vocab) * 3.0 + 0.5).to(dtype)
+    inputs = dict(student=student, teacher=None, topk_indices=None, topk_logprobs=None,
+                  groups=None, target=None, class_weight=None, mask=None, sample_weight=None,
+                  group_logmass=None)
+    if cfg.group_rule == GROUP_CLASS:
+        groups = torch.randint(cfg.num_groups, (vocab,))
+        if cfg.num_groups >= 100:
+            groups = torch.where(groups == 57, torch.ones_like(groups), groups)  # an empty group
+        inputs["groups"] = groups.to(torch.int32 if vocab % 2 else torch.int64)
+    if case.neg_inf:
+        student[:, :3] = float("-inf")
+        teacher[:, :3] = float("-inf")
+        inputs["groups"][:3] = 2  # group 2 may hold only -inf classes
+    if case.target:
+        target = torch.randint(vocab, (rows,)) + cfg.vocab_offset
+        if case.ignore_rows and rows > 1:
+            target[0] = cfg.ignore_index
+        inputs["target"] = target
+    if case.class_weight:
+        weight = torch.rand(vocab) + 0.05
+        if vocab > 2:
+            weight[1] = 0.0
+        inputs["class_weight"] = weight
+    if case.mask is not None:
+        mask = torch.rand(rows) > 0.3
+        mask[-1] = True
+        inputs["mask"] = mask.to(case.mask)
+    if case.sample_weight:
+        inputs["sample_weight"] = torch.rand(rows) + 0.1
+    if case.teacher == "dense":
+        inputs["teacher"] = teacher
+    else:
+        k = min(case.topk, vocab)
+        full = torch.log_softmax(teacher.float() * (1.0 if cfg.topk_rule == TOPK_BUCKET else 1.0), -1)
+        values, indices = full.topk(k, -1)
+        if case.pad and k > 1:
+            indices[0, -1] = -1
+            if rows > 1:
+                values[1, -1] = float("-inf")
+        inputs["topk_indices"] = indices
+        inputs["topk_logprobs"] = values
+        if case.group_logmass:
+            scaled = teacher.float() / cfg.temperature
+            lse = torch.stack([torch.logsumexp(scaled.masked_fill(inputs["groups"].long() != k_, float("-inf")), -1)
+                               for k_ in range(cfg.num_groups)], -1)
+            inputs["group_logmass"] = lse - torch.logsumexp(scaled, -1, keepdim=True)
+    return inputs, cfg
