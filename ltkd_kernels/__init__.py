@@ -10,6 +10,7 @@ from .functional import bkd_loss, dkd_loss, group_logsumexp, kd_loss, ltkd_loss
 from .groups import class_balanced_weights, groups_from_counts
 from .modules import BKDLoss, DKDLoss, KDLoss, LTKDLoss
 from .srw import SRWeighting, srw_weights
+from .topk import TopKTeacher, topk_teacher
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,7 @@ __all__ = [
     "BKDLoss",
     "srw_weights",
     "SRWeighting",
+    "TopKTeacher",
+    "topk_teacher",
     "reference",
 ]

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .ops.config import MAX_GROUPS
+
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -75,7 +77,7 @@ def check_logits_pair(student, teacher, *, allow_float64: bool = False,
 def check_row_tensor(name: str, value, leading: torch.Size, device, *, floating=False,
                      boolean=False, of: str = "logits") -> Optional[torch.Tensor]:
     """An optional per-row tensor (``sample_weight``, ``mask``) of the leading shape of ``of``
-    (the logits, or SRW's features)."""
+    (the logits, or SRW's features). ``boolean``: a mask, bool or 0/1 integers (nonzero = keep)."""
     if value is None:
         return None
     check_tensor(name, value)
@@ -84,22 +86,53 @@ def check_row_tensor(name: str, value, leading: torch.Size, device, *, floating=
                          f"got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} must be on the {of}' device {device}, got {value.device}")
-    if boolean and value.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {_dtype_name(value.dtype)}")
+    if boolean and value.dtype != torch.bool and value.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"{name} must be a bool or integer (0/1) tensor, got {_dtype_name(value.dtype)}")
     if floating and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {_dtype_name(value.dtype)}")
     return value
 
 
-# A checked groups tensor carries this attribute: (its version counter and num_groups at the
-# check, the number of groups). An in-place change bumps the version and forces a new check.
+def check_num_groups(num_groups) -> Optional[int]:
+    """``None`` or an int in ``[1, MAX_GROUPS]`` (checked before anything is allocated)."""
+    if num_groups is None:
+        return None
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    if not 1 <= num_groups <= MAX_GROUPS:
+        raise ValueError(f"num_groups must be in [1, {MAX_GROUPS}], got {num_groups}")
+    return int(num_groups)
+
+
+# A checked constant tensor (groups, class weights) carries this attribute: the key of the check
+# (version counter, storage address, what it was checked against) and its result. A write that
+# bypasses the version counter (through .numpy() or .data) can make the cache stale: the kernels
+# guard themselves against any value (docs/design.md: bad ids give ValueError on the CPU, a NaN
+# row on CUDA), so a stale cache costs the clear message, never memory safety.
 _CHECKED_ATTRIBUTE = "_ltkd_kernels_checked"
 
 
-def check_groups(groups, vocab: int, num_groups, device) -> int:
+def _cached(tensor: torch.Tensor, key):
+    cached = getattr(tensor, _CHECKED_ATTRIBUTE, None)
+    full_key = (tensor._version, tensor.data_ptr(), key)
+    if cached is not None and cached[0] == full_key:
+        return True, cached[1]
+    return False, full_key
+
+
+def _remember(tensor: torch.Tensor, full_key, result) -> None:
+    try:
+        setattr(tensor, _CHECKED_ATTRIBUTE, (full_key, result))
+    except (AttributeError, RuntimeError):  # a tensor subclass that refuses attributes
+        pass
+
+
+def check_groups(groups, vocab: int, num_groups, device, *, always: bool = False) -> int:
     """``groups``: integer ``(V,)`` with ids in ``[0, G)``. Returns ``G``.
 
-    ``G`` is ``num_groups`` when given, else ``groups.max() + 1`` (one host read).
+    ``G`` is ``num_groups`` when given, else ``groups.max() + 1`` (one host read). The value
+    check runs once per distinct tensor (``always=True``: every call, as the reference does);
+    under ``torch.compile`` it is left to the kernels.
     """
     check_tensor("groups", groups)
     if groups.dtype not in _INTEGER_DTYPES:
@@ -108,30 +141,31 @@ def check_groups(groups, vocab: int, num_groups, device) -> int:
         raise ValueError(f"groups must have shape (V,) = ({vocab},), got {tuple(groups.shape)}")
     if groups.device != device:
         raise ValueError(f"groups must be on the logits' device {device}, got {groups.device}")
-    if num_groups is not None:
-        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-            raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
-        if num_groups < 1:
-            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    num_groups = check_num_groups(num_groups)
     if _compiling():
         if num_groups is None:
             raise ValueError("num_groups must be given under torch.compile (it sets output shapes)")
-        return int(num_groups)
-    key = (groups._version, num_groups)
-    cached = getattr(groups, _CHECKED_ATTRIBUTE, None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+        return num_groups
+    hit, key = (False, None) if always else _cached(groups, ("groups", num_groups))
+    if hit:
+        return key
     lo, hi = (int(v) for v in torch.aminmax(groups.long()))
     limit = num_groups if num_groups is not None else hi + 1
     if lo < 0 or hi >= limit:
         bound = f"[0, num_groups={num_groups})" if num_groups is not None else "[0, G)"
         raise ValueError(f"groups ids must lie in {bound}, got values in [{lo}, {hi}]")
-    setattr(groups, _CHECKED_ATTRIBUTE, (key, int(limit)))
+    if limit > MAX_GROUPS:
+        raise ValueError(f"groups ids must be < {MAX_GROUPS} (at most {MAX_GROUPS} groups), "
+                         f"got a largest id of {hi}")
+    if key is not None:
+        _remember(groups, key, int(limit))
     return int(limit)
 
 
-def check_target(name: str, target, leading: torch.Size, vocab: int, device) -> torch.Tensor:
-    """Class indices of the logits' leading shape, each in ``[0, V)``; returned as int64."""
+def check_target(name: str, target, leading: torch.Size, vocab: int, device, *,
+                 ignore_index: Optional[int] = None, values: bool = False) -> torch.Tensor:
+    """Class indices of the logits' leading shape. With ``values``: each in ``[0, V)`` or equal
+    to ``ignore_index`` (one host read; the kernels' own rule covers the fast path)."""
     check_tensor(name, target)
     if target.dtype not in _INTEGER_DTYPES:
         raise TypeError(f"{name} must be an integer tensor of class indices, "
@@ -141,16 +175,22 @@ def check_target(name: str, target, leading: torch.Size, vocab: int, device) -> 
                          f"got {tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"{name} must be on the logits' device {device}, got {target.device}")
-    if target.numel() and not _compiling():
-        lo, hi = (int(v) for v in torch.aminmax(target.long()))
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"{name} must hold class indices in [0, V={vocab}), "
-                             f"got values in [{lo}, {hi}]")
-    return target.long()
+    if values and target.numel() and not _compiling():
+        t = target.long()
+        if ignore_index is not None:
+            t = t[t != ignore_index]
+        if t.numel():
+            lo, hi = (int(v) for v in torch.aminmax(t))
+            if lo < 0 or hi >= vocab:
+                ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
+                raise ValueError(f"{name} must hold class indices in [0, V={vocab}){ignored}, "
+                                 f"got values in [{lo}, {hi}]")
+    return target
 
 
-def check_class_weight(class_weight, vocab: int, device) -> torch.Tensor:
-    """Non-negative finite float ``(V,)`` class weights, not all zero."""
+def check_class_weight(class_weight, vocab: int, device, *, always: bool = False) -> torch.Tensor:
+    """Non-negative finite float ``(V,)`` class weights, not all zero (values checked once per
+    distinct tensor; a bad value that slips past gives NaN in the kernels, never a crash)."""
     check_tensor("class_weight", class_weight)
     if not class_weight.is_floating_point():
         raise TypeError(f"class_weight must be a floating-point tensor, "
@@ -161,12 +201,49 @@ def check_class_weight(class_weight, vocab: int, device) -> torch.Tensor:
     if class_weight.device != device:
         raise ValueError(f"class_weight must be on the logits' device {device}, "
                          f"got {class_weight.device}")
-    if not _compiling():
+    if _compiling():
+        return class_weight.detach()
+    hit, key = (False, None) if always else _cached(class_weight, "class_weight")
+    if not hit:
         if not bool(torch.isfinite(class_weight).all()) or bool((class_weight < 0).any()):
             raise ValueError("class_weight must be finite and >= 0")
         if not bool((class_weight > 0).any()):
             raise ValueError("class_weight must have at least one positive entry")
+        if key is not None:
+            _remember(class_weight, key, True)
     return class_weight.detach()
+
+
+def check_num_items(value, device):
+    """``num_items_in_batch``: ``None``, a number > 0, or a one-element tensor on the logits'
+    device (Hugging Face passes either). Returns ``(float or 0.0, tensor or None)``."""
+    if value is None:
+        return 0.0, None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, "
+                             f"got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"num_items_in_batch must be on the logits' device {device}, "
+                             f"got {value.device}")
+        return 0.0, value.detach().reshape(())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"num_items_in_batch must be a number or a tensor, got {type(value).__name__}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"num_items_in_batch must be a finite number > 0, got {value}")
+    return float(value), None
+
+
+def check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_class_counts(class_counts) -> torch.Tensor:

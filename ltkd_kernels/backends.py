@@ -73,15 +73,3 @@ def resolve_backend(backend, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
     return backend
-
-
-def grouped_kl_ops(backend: str):
-    """The grouped-KL custom operators of a kernel backend (``"triton"`` or ``"cpu"``)."""
-    if backend == "triton":
-        from .triton import grouped_kl_ops as ops
-        return ops
-    if backend == "cpu":
-        from . import cpu
-
-        return cpu.grouped_kl_ops()
-    raise ValueError(f"no grouped-KL kernels for backend {backend!r}")

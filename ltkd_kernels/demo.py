@@ -343,9 +343,9 @@ def make_criterion(method: str, counts: Sequence[int], groups: torch.Tensor, num
     if method == "ltkd+srw":
         srw = lk.SRWeighting(tau=SRW_TAU, backend=backend)
         loss = lk.LTKDLoss(groups, num_groups, alpha=LTKD_ALPHA, beta=LTKD_BETA,
-                           temperature=LTKD_TEMPERATURE, reduction="sum", backend=backend)
-        # SRW weights sum to 1 over the batch, so the "sum" reduction is a weighted mean on
-        # the same scale as LTKD's "batchmean".
+                           temperature=LTKD_TEMPERATURE, backend=backend)
+        # "batchmean" with sample weights is the weighted mean sum_i w_i l_i / sum_i w_i: with
+        # SRW's weights (summing to 1) the paper's sum_i w_i l_i, on LTKD's scale.
         return lambda s, t, y, f: loss(s, t, sample_weight=srw(f))
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 

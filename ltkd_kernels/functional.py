@@ -1,202 +1,203 @@
 """Functional API, mirroring ``torch.nn.functional``: tensors first, options keyword-only.
 
-Each loss validates its arguments, chooses a backend (:mod:`ltkd_kernels.backends`), gets the
-per-row ``(N, G)`` grouped-KL statistics from that backend's kernels in one read of the logits,
-turns them into row losses with the shared ``(N, G)`` arithmetic of
-:func:`ltkd_kernels.reference.grouped_kl_row_losses`, and reduces. ``backend="torch"`` runs
-:mod:`ltkd_kernels.reference` instead. The equations are in the reference's docstrings and in
-SPEC.md; every loss here is one configuration of the same grouped KL:
+Every loss is one configuration of the same grouped KL (docs/design.md), computed by the
+``ltkd_kernels::grouped_kl_loss`` operator: two kernel launches forward (the per-row group
+states, then the finish: batch statistic, row losses, reduction), one backward. The equations
+are in docs/losses.md and in :mod:`ltkd_kernels.reference`, which ``backend="torch"`` runs.
 
 ====  ========================  ==========  =============  =================
 loss  groups                    rebalance   within weight  teacher shift
 ====  ========================  ==========  =============  =================
 KD    one group                 no          1              none
-LTKD  ``groups`` (V,)           yes         1 or p^T       none
+LTKD  ``groups`` (V,)           yes         1 or P^T       none
 DKD   {target}, {rest} per row  no          1              none
-BKD   one group                 no          1              ``log w`` (+ CE)
+BKD   one group                 no          1              ``log w``
 ====  ========================  ==========  =============  =================
+
+Options every loss takes (keyword-only):
+
+- ``temperature``: ``T``; the loss carries the factor ``T^2``.
+- ``target``: int class labels of the leading shape. Rows whose target equals
+  ``ignore_index`` (default -100, the Hugging Face convention) are dropped; DKD needs it (the
+  target class is its group 0). ``ce_weight`` (default 0: **no** cross-entropy is added) adds
+  ``ce_weight`` times the student's cross-entropy with ``target`` at T = 1, in the same pass.
+- ``sample_weight``: float of the leading shape, multiplies the row losses (a constant).
+- ``mask``: bool or 0/1 integer of the leading shape; 0 drops the row (loss 0, no gradient, no
+  part in LTKD's batch statistic).
+- ``reduction``: ``"batchmean"`` (default: the sum over valid rows divided by their total
+  ``sample_weight``, their number without weights, so SRW weights summing to 1 give
+  ``sum_i w_i l_i``), ``"sum"``, or ``"none"`` (the leading shape, 0 at dropped rows).
+- ``num_items_in_batch``: replaces the ``batchmean`` denominator (a number or a one-element
+  tensor, as Hugging Face's trainer passes): micro-batches of an accumulated step, each divided
+  by the whole step's number of valid rows, sum to the full batch's loss and gradient exactly.
+- ``process_group``: data parallel. LTKD's batch statistic is taken over every rank's rows
+  (one all-gather of ``2G + 2`` floats), so the result equals one process on the concatenated
+  batch. ``global_batchmean=True`` also divides by every rank's valid-row weight (each rank's
+  loss is then its share of the global mean: multiply by the world size under DDP's gradient
+  averaging); the default divides by the local one.
+- ``vocab_process_group``: vocabulary parallel (tensor-parallel LM heads): each rank passes its
+  contiguous slice of the classes (in rank order) of both logits and of ``groups`` /
+  ``class_weight``; ``target`` holds global class ids. The result equals one process on the
+  whole vocabulary, loss and gradient, with two all-reduces of ``O(N G)`` floats per forward
+  and none backward.
+- ``backend``: ``"auto"`` (Triton on CUDA, C++ on CPU, the plain-torch operators where
+  neither can run, the reference for float64), ``"triton"``, ``"cpu"``, ``"torch"`` (the
+  reference). A named backend that cannot run raises; there is no silent fallback.
+
+A teacher may be a :class:`ltkd_kernels.TopKTeacher` (top-k indices and log-probabilities)
+wherever teacher logits are accepted (see :mod:`ltkd_kernels.topk`).
 """
 from __future__ import annotations
-
 
 import torch
 
 from . import reference
-from ._validation import (
-    check_class_weight,
-    check_groups,
-    check_logits_pair,
-    check_option,
-    check_positive,
-    check_real,
-    check_row_tensor,
-    check_target,
-)
-from .backends import grouped_kl_ops, resolve_backend
-from .reference import grouped_kl_row_losses, reduce_row_losses
+from ._arguments import LossArguments, parse_loss_arguments, topk_rule
+from ._validation import check_groups, check_logits_pair, check_positive
+from .ops.config import REDUCTIONS, TOPK_BUCKET, GroupedKLConfig
+from .ops.distributed import group_name, vocab_layout
+from .ops.grouped_kl import group_logsumexp as _group_logsumexp_op
+from .ops.grouped_kl import grouped_kl_loss
 
-_REDUCTIONS = ("batchmean", "sum", "none")
+__all__ = ["kd_loss", "ltkd_loss", "dkd_loss", "bkd_loss", "group_logsumexp", "run_loss"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``(..., V)`` as ``(N, V)`` rows with unit stride along V (copied only if it must be)."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+def _index(t):
+    return t if t is None or t.dtype in _INDEX_DTYPES else t.long()
 
 
-def _grouped_kl_loss(student_logits, teacher_logits, *, backend, temperature, sample_weight, mask,
-                     reduction, alpha=1.0, beta=1.0, rebalance=False, within_weight="uniform",
-                     groups=None, num_groups=1, group_target=None, teacher_log_weight=None,
-                     ce_target=None, process_group=None):
-    """The one kernel path behind every grouped-KL loss (arguments already validated)."""
-    leading = student_logits.shape[:-1]
-    student = _rows(student_logits)
-    teacher = _rows(teacher_logits.detach())
-    valid_rows = None if mask is None else mask.reshape(-1).contiguous()
-    stats_op = grouped_kl_ops(backend).stats
-    lse_student, lse_teacher, within, ce, _ = stats_op(
-        student, teacher, groups, group_target, teacher_log_weight, ce_target, valid_rows,
-        num_groups, float(temperature))
-    valid = (torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
-             if valid_rows is None else valid_rows)
-    row_loss = grouped_kl_row_losses(lse_student, lse_teacher, within, valid, alpha=alpha,
-                                     beta=beta, temperature=temperature, rebalance=rebalance,
-                                     within_weight=within_weight, process_group=process_group)
-    if ce_target is not None:
-        row_loss = row_loss + ce
-    weight = None if sample_weight is None else sample_weight.reshape(-1).detach()
-    out = reduce_row_losses(row_loss, weight, valid, reduction)
-    return out.reshape(leading) if reduction == "none" else out
+def config_from_arguments(args: LossArguments) -> GroupedKLConfig:
+    """The operators' configuration of a validated call."""
+    rule = topk_rule(args)
+    vocab_offset = vocab_total = 0
+    if args.vocab_process_group is not None:
+        vocab_offset, vocab_total = vocab_layout(args.student.shape[-1], args.vocab_process_group)
+    return GroupedKLConfig(
+        num_groups=2 if rule == TOPK_BUCKET else args.num_groups,
+        temperature=args.temperature, alpha=args.alpha, beta=args.beta,
+        rebalance=args.rebalance and args.num_groups > 1, within_teacher=args.within_teacher,
+        ce_weight=args.ce_weight, reduction=REDUCTIONS[args.reduction], group_rule=args.group_rule,
+        topk_rule=rule, vocab_offset=vocab_offset, vocab_total=vocab_total,
+        ignore_index=args.ignore_index, num_items=args.num_items)
 
 
-def _check_common(student_logits, teacher_logits, backend, temperature, sample_weight, mask,
-                  reduction):
-    """Checks every loss shares; returns the resolved backend."""
-    check_logits_pair(student_logits, teacher_logits, allow_float64=True)
-    resolved = resolve_backend(backend, student_logits.device)
-    if resolved != "torch" and torch.float64 in (student_logits.dtype, teacher_logits.dtype):
-        raise TypeError(f"float64 logits are supported by backend='torch' only (the kernels "
-                        f"compute in float32); got backend={backend!r} -> {resolved!r}")
-    check_positive("temperature", temperature)
-    check_option("reduction", reduction, _REDUCTIONS)
-    leading = student_logits.shape[:-1]
-    device = student_logits.device
-    check_row_tensor("sample_weight", sample_weight, leading, device, floating=True)
-    check_row_tensor("mask", mask, leading, device, boolean=True)
-    return resolved
+def run_loss(args: LossArguments) -> torch.Tensor:
+    """The loss of a validated call, on the backend it names (the reference for ``"torch"``)."""
+    if args.backend == "torch":
+        return reference.loss_from_arguments(args)
+    group_logmass = args.group_logmass
+    if group_logmass is not None and group_logmass.dtype != torch.float32:
+        group_logmass = group_logmass.float()
+    loss = grouped_kl_loss(
+        args.student, args.teacher, _index(args.topk_indices), args.topk_logprobs,
+        _index(args.groups), _index(args.target), args.class_weight, args.mask,
+        args.sample_weight, group_logmass, args.num_items_tensor, config_from_arguments(args),
+        args.backend, group_name(args.process_group, "process_group"),
+        group_name(args.vocab_process_group, "vocab_process_group"), args.global_batchmean)
+    return loss.reshape(args.leading) if args.reduction == "none" else loss
+
+
+def kd_loss(student_logits, teacher_logits, *, temperature=1.0, target=None, ignore_index=-100,
+            ce_weight=0.0, sample_weight=None, mask=None, reduction="batchmean",
+            num_items_in_batch=None, process_group=None, global_batchmean=False,
+            vocab_process_group=None, backend="auto"):
+    """KD: ``l_r = T^2 KL(softmax(z^T_r / T) || softmax(z^S_r / T))``.
+
+    ``student_logits``: ``(..., V)`` float32/float16/bfloat16; ``teacher_logits``: the same
+    shape (any of those dtypes) or a :class:`ltkd_kernels.TopKTeacher`. Returns float32 (the
+    gradient has the student's dtype). The options are in this module's docstring.
+    """
+    return run_loss(parse_loss_arguments(
+        "kd", student_logits, teacher_logits, temperature=temperature, target=target,
+        ignore_index=ignore_index, ce_weight=ce_weight, sample_weight=sample_weight, mask=mask,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, process_group=process_group,
+        global_batchmean=global_batchmean, vocab_process_group=vocab_process_group,
+        backend=backend))
+
+
+def ltkd_loss(student_logits, teacher_logits, groups, num_groups=None, *, alpha=1.0, beta=1.0,
+              temperature=1.0, rebalance=True, within_weight="uniform", target=None,
+              ignore_index=-100, ce_weight=0.0, sample_weight=None, mask=None,
+              reduction="batchmean", num_items_in_batch=None, process_group=None,
+              global_batchmean=False, vocab_process_group=None, backend="auto"):
+    """LTKD: ``l_r = T^2 [alpha KL(q_r || P^S_r) + beta sum_k c_{r,k} KL(pt^T_{r,k} || pt^S_{r,k})]``.
+
+    ``groups``: int ``(V,)`` class groups in ``[0, G)`` (``G = num_groups`` or
+    ``groups.max() + 1``; at most 1024). ``q`` is the teacher's group mass ``P^T`` rebalanced
+    by the batch statistic ``pB`` (``rebalance=True``): ``s_k = mean_j pB_j / pB_k``,
+    ``q_k ∝ s_k P^T_k``; ``c = 1`` (``within_weight="uniform"``, the paper's LTKD) or
+    ``c = P^T`` (``"teacher"``: with ``rebalance=False, alpha=beta=1`` this is KD exactly).
+    The other options are in this module's docstring.
+    """
+    return run_loss(parse_loss_arguments(
+        "ltkd", student_logits, teacher_logits, groups=groups, num_groups=num_groups,
+        alpha=alpha, beta=beta, temperature=temperature, rebalance=rebalance,
+        within_weight=within_weight, target=target, ignore_index=ignore_index,
+        ce_weight=ce_weight, sample_weight=sample_weight, mask=mask, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, process_group=process_group,
+        global_batchmean=global_batchmean, vocab_process_group=vocab_process_group,
+        backend=backend))
+
+
+def dkd_loss(student_logits, teacher_logits, target, *, alpha=1.0, beta=8.0, temperature=4.0,
+             ignore_index=-100, ce_weight=0.0, sample_weight=None, mask=None,
+             reduction="batchmean", num_items_in_batch=None, process_group=None,
+             global_batchmean=False, vocab_process_group=None, backend="auto"):
+    """DKD: ``l_r = T^2 (alpha TCKD + beta NCKD)`` with the row's target class ``t``:
+    ``TCKD = KL([p^T_t, 1 - p^T_t] || [p^S_t, 1 - p^S_t])``, ``NCKD`` the KL of the two softmaxes
+    over the non-target classes. Defaults of the paper: ``alpha=1, beta=8, T=4`` (its warm-up
+    schedule is the caller's: scale the loss). Rows whose target is ``ignore_index`` are dropped.
+    """
+    return run_loss(parse_loss_arguments(
+        "dkd", student_logits, teacher_logits, target=target, alpha=alpha, beta=beta,
+        temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight,
+        sample_weight=sample_weight, mask=mask, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, process_group=process_group,
+        global_batchmean=global_batchmean, vocab_process_group=vocab_process_group,
+        backend=backend))
+
+
+def bkd_loss(student_logits, teacher_logits, class_weight, *, temperature=2.0, target=None,
+             ignore_index=-100, ce_weight=0.0, sample_weight=None, mask=None,
+             reduction="batchmean", num_items_in_batch=None, process_group=None,
+             global_batchmean=False, vocab_process_group=None, backend="auto"):
+    """BKD: ``l_r = T^2 KL(qhat_r || softmax(z^S_r / T))``, ``qhat_r = softmax(z^T_r / T + log w)``
+    (``= normalize(w * softmax(z^T_r / T))``; build ``w`` with
+    :func:`ltkd_kernels.class_balanced_weights`). The paper's loss also adds the student's
+    cross-entropy: pass ``target`` and ``ce_weight=1.0`` (``target`` alone adds nothing; it only
+    drops ``ignore_index`` rows).
+    """
+    return run_loss(parse_loss_arguments(
+        "bkd", student_logits, teacher_logits, class_weight=class_weight,
+        temperature=temperature, target=target, ignore_index=ignore_index, ce_weight=ce_weight,
+        sample_weight=sample_weight, mask=mask, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, process_group=process_group,
+        global_batchmean=global_batchmean, vocab_process_group=vocab_process_group,
+        backend=backend))
 
 
 def group_logsumexp(logits, groups, num_groups=None, *, temperature=1.0, backend="auto"):
     """Per-row group log-sum-exps ``lse_k = log sum_{i: g(i)=k} exp(z_i / T)``.
 
     ``logits``: ``(..., V)``; ``groups``: int ``(V,)`` in ``[0, G)``. Returns float32
-    ``(..., G)``, ``-inf`` for a group with no class. Differentiable in ``logits``.
+    ``(..., G)`` (float64 for float64 logits, through the reference), ``-inf`` for a group with
+    no class. Differentiable in ``logits``.
     """
+    from ._arguments import BACKENDS, _use_reference
+
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     check_logits_pair(logits, logits, allow_float64=True, names=("logits", "logits"))
-    resolved = resolve_backend(backend, logits.device)
-    if resolved == "torch" or logits.dtype == torch.float64:
+    if _use_reference(backend, logits, logits.dtype):
         return reference.group_logsumexp(logits, groups, num_groups, temperature=temperature)
-    check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     num_groups = check_groups(groups, logits.shape[-1], num_groups, logits.device)
-    rows = _rows(logits)
-    # The stats kernel reads a teacher too; passing the logits again costs a second read.
-    lse, _, _, _, _ = grouped_kl_ops(resolved).stats(
-        rows, rows.detach(), groups.contiguous(), None, None, None, None, num_groups,
-        float(temperature))
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1 and rows.shape[-1] > 1:
+        rows = rows.contiguous()
+    lse = _group_logsumexp_op(rows, _index(groups if groups.is_contiguous() else groups.contiguous()),
+                              num_groups, temperature, backend)
     return lse.reshape(*logits.shape[:-1], num_groups)
 
-
-def kd_loss(student_logits, teacher_logits, *, temperature=1.0, sample_weight=None, mask=None,
-            reduction="batchmean", backend="auto"):
-    """KD: ``l_r = T^2 KL(softmax(z^T_r / T) || softmax(z^S_r / T))``.
-
-    ``student_logits``, ``teacher_logits``: ``(..., V)`` float32/float16/bfloat16 (they may
-    differ). ``sample_weight`` (leading shape) multiplies the row losses; ``mask`` (bool,
-    leading shape) drops rows. ``reduction``: ``"batchmean"`` (sum / valid rows), ``"sum"`` or
-    ``"none"`` (leading shape). Returns float32; the gradient has the student's dtype.
-    """
-    resolved = _check_common(student_logits, teacher_logits, backend, temperature,
-                             sample_weight, mask, reduction)
-    if resolved == "torch":
-        return reference.kd_loss(student_logits, teacher_logits, temperature=temperature,
-                                 sample_weight=sample_weight, mask=mask, reduction=reduction)
-    return _grouped_kl_loss(student_logits, teacher_logits, backend=resolved,
-                            temperature=temperature, sample_weight=sample_weight, mask=mask,
-                            reduction=reduction)
-
-
-def ltkd_loss(student_logits, teacher_logits, groups, num_groups=None, *, alpha=1.0, beta=1.0,
-              temperature=1.0, rebalance=True, within_weight="uniform", sample_weight=None,
-              mask=None, reduction="batchmean", process_group=None, backend="auto"):
-    """LTKD: ``l_r = T^2 [alpha KL(q_r || p^S_r) + beta sum_k c_{r,k} KL(pt^T_{r,k} || pt^S_{r,k})]``.
-
-    ``groups``: int ``(V,)`` class groups in ``[0, G)`` (``G = num_groups`` or
-    ``groups.max() + 1``). ``q`` is the teacher's group mass rebalanced by the batch statistic
-    ``pB`` (``rebalance=True``; ``pB`` all-reduced over ``process_group`` when given);
-    ``c = 1`` (``within_weight="uniform"``) or the teacher's group mass (``"teacher"``).
-    See :func:`ltkd_kernels.reference.ltkd_loss` and :func:`kd_loss` for the other options.
-    """
-    resolved = _check_common(student_logits, teacher_logits, backend, temperature,
-                             sample_weight, mask, reduction)
-    check_option("within_weight", within_weight, ("uniform", "teacher"))
-    if not isinstance(rebalance, bool):
-        raise TypeError(f"rebalance must be a bool, got {type(rebalance).__name__}")
-    alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
-    options = dict(alpha=alpha, beta=beta, temperature=temperature, rebalance=rebalance,
-                   within_weight=within_weight, sample_weight=sample_weight, mask=mask,
-                   reduction=reduction, process_group=process_group)
-    if resolved == "torch":
-        return reference.ltkd_loss(student_logits, teacher_logits, groups, num_groups, **options)
-    num_groups = check_groups(groups, student_logits.shape[-1], num_groups, student_logits.device)
-    return _grouped_kl_loss(student_logits, teacher_logits, backend=resolved,
-                            groups=groups.contiguous(), num_groups=num_groups, **options)
-
-
-def dkd_loss(student_logits, teacher_logits, target, *, alpha=1.0, beta=8.0, temperature=4.0,
-             sample_weight=None, mask=None, reduction="batchmean", backend="auto"):
-    """DKD: ``l_r = T^2 (alpha TCKD + beta NCKD)`` with the row's target class ``target``.
-
-    ``TCKD = KL([p^T_t, 1 - p^T_t] || [p^S_t, 1 - p^S_t])``; ``NCKD`` is the KL of the
-    teachers' and students' softmax over the non-target classes. The grouped KL with per-row
-    groups ``{t}`` and the rest, no rebalancing, uniform within weights. ``target``: int,
-    the logits' leading shape, values in ``[0, V)``.
-    """
-    resolved = _check_common(student_logits, teacher_logits, backend, temperature,
-                             sample_weight, mask, reduction)
-    alpha, beta = check_real("alpha", alpha), check_real("beta", beta)
-    options = dict(alpha=alpha, beta=beta, temperature=temperature, sample_weight=sample_weight,
-                   mask=mask, reduction=reduction)
-    if resolved == "torch":
-        return reference.dkd_loss(student_logits, teacher_logits, target, **options)
-    target = check_target("target", target, student_logits.shape[:-1], student_logits.shape[-1],
-                          student_logits.device)
-    return _grouped_kl_loss(student_logits, teacher_logits, backend=resolved, num_groups=2,
-                            group_target=target.reshape(-1).contiguous(), **options)
-
-
-def bkd_loss(student_logits, teacher_logits, class_weight, *, temperature=2.0, target=None,
-             sample_weight=None, mask=None, reduction="batchmean", backend="auto"):
-    """BKD: ``l_r = T^2 KL(normalize(w * softmax(z^T_r / T)) || softmax(z^S_r / T))``.
-
-    ``class_weight``: float ``(V,)``, ``>= 0`` (see :func:`class_balanced_weights`); the
-    teacher's distribution is ``softmax(z^T / T + log w)``, computed as the teacher block is
-    loaded. With ``target``, the unweighted cross-entropy of the raw student logits (T = 1) is
-    added, computed in the same read of the student logits.
-    """
-    resolved = _check_common(student_logits, teacher_logits, backend, temperature,
-                             sample_weight, mask, reduction)
-    options = dict(temperature=temperature, sample_weight=sample_weight, mask=mask,
-                   reduction=reduction)
-    if resolved == "torch":
-        return reference.bkd_loss(student_logits, teacher_logits, class_weight, target=target,
-                                  **options)
-    weight = check_class_weight(class_weight, student_logits.shape[-1], student_logits.device)
-    ce_target = None
-    if target is not None:
-        ce_target = check_target("target", target, student_logits.shape[:-1],
-                                 student_logits.shape[-1], student_logits.device)
-        ce_target = ce_target.reshape(-1).contiguous()
-    # log 0 = -inf: a class of weight 0 gets no teacher probability.
-    teacher_log_weight = torch.log(weight.float()).contiguous()
-    return _grouped_kl_loss(student_logits, teacher_logits, backend=resolved,
-                            teacher_log_weight=teacher_log_weight, ce_target=ce_target, **options)

@@ -1,301 +1,405 @@
 """Pure-PyTorch reference of every loss in the package (``backend="torch"``).
 
-Written to be read: each function is the equation of SPEC.md in plain tensor code, with the
-same signature as the public function. It is the ground truth that every kernel is tested
-against, and it is differentiable (``torch.autograd.gradcheck`` passes in float64).
+Written to be read: each function is its loss's equation in plain tensor code, with the same
+signature as the public function. It is the ground truth that every kernel is tested against,
+and it is differentiable (``torch.autograd.gradcheck`` passes in float64). It shares no code
+with the kernels or their operators. The equations are also in docs/losses.md.
 
-Notation (SPEC.md section 1), per row ``r`` and temperature ``T``:
+Notation, per row ``r`` and temperature ``T``:
 
 - ``b = z^S / T``, ``a = z^T / T`` (BKD adds ``log w`` to ``a``);
-- ``lse_k = log sum_{i in k} exp(x_i)`` per group ``k`` (``-inf`` for a group with no class);
-- group mass ``p_k = exp(lse_k - lse)``, within-group probability ``pt_i = exp(x_i - lse_{g(i)})``;
+- ``log p = log_softmax(x)`` over the row; per group ``k``: the group mass
+  ``log P_k = logsumexp_{i in k} log p_i`` (``-inf`` for a group without mass) and the
+  within-group probability ``log pt_i = log p_i - log P_{g(i)}``;
 - ``KL(u || v) = sum u log(u / v)`` with ``0 log 0 = 0``.
 
 Every loss below is the grouped KL
 
-    l_r = T^2 [ alpha KL(q_r || p^S_r) + beta sum_k c_{r,k} KL(pt^T_{r,k} || pt^S_{r,k}) ]
+    l_r = T^2 [ alpha KL(q_r || P^S_r) + beta sum_k c_{r,k} KL(pt^T_{r,k} || pt^S_{r,k}) ]
 
-with a choice of groups, of the teacher's group distribution ``q`` and of the weights ``c``.
-A within-group KL whose teacher group has no mass is 0 (there is nothing to match).
-Computation is in float32, or float64 for float64 inputs.
+with a choice of groups, of the teacher's group distribution ``q`` and of the weights ``c``,
+plus ``ce_weight`` times the student's cross-entropy (T = 1) when asked for. A within-group KL
+whose teacher group has no mass is 0 (there is nothing to match). Everything is computed in
+log space (group masses far below float32's range stay exact), in float32, or float64 for
+float64 inputs. A row whose student or teacher has no distribution (all logits ``-inf``) or
+holds NaN / ``+inf`` gets NaN.
+
+Rows: ``valid_r = mask_r != 0 and target_r != ignore_index``; an invalid row has loss 0, no
+gradient, and takes no part in any batch statistic. Reductions: ``"none"`` (``w_r l_r``, 0 at
+invalid rows), ``"sum"``, ``"batchmean"`` (the sum over ``D``: ``num_items_in_batch`` when
+given, else the valid rows' total weight, their number without ``sample_weight``; 0 when
+``D = 0``).
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
+from torch import Tensor
 
-from ._validation import (
-    check_class_weight,
-    check_groups,
-    check_logits_pair,
-    check_option,
-    check_positive,
-    check_row_tensor,
-    check_target,
-)
-from .groups import class_balanced_weights, groups_from_counts  # noqa: F401  (re-exported)
+from ._validation import check_groups, check_logits_pair, check_positive, check_target
 
-__all__ = [
-    "group_logsumexp",
-    "kd_loss",
-    "ltkd_loss",
-    "dkd_loss",
-    "bkd_loss",
-    "class_balanced_weights",
-    "groups_from_counts",
-    "srw_weights",
-    "reduce_row_losses",
-]
+__all__ = ["group_logsumexp", "kd_loss", "ltkd_loss", "dkd_loss", "bkd_loss", "srw_weights"]
+
+NEG_INF = float("-inf")
+_REDUCTIONS = ("batchmean", "sum", "none")
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+# ---------------------------------------------------------------------------------------------
+# Log-space building blocks (safe gradients: no NaN from branches that are not taken).
 
-
-def _safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """logsumexp that is ``-inf`` (with zero gradient, not NaN) over an all ``-inf`` slice."""
+def _logsumexp(x: Tensor, dim: int) -> Tensor:
+    """``log sum exp x`` along ``dim``; ``-inf`` (with zero gradient) over an all ``-inf`` slice."""
     m = x.detach().amax(dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = torch.exp(x - m).sum(dim)
-    positive = s > 0
-    lse = m.squeeze(dim) + torch.log(torch.where(positive, s, torch.ones_like(s)))
-    return torch.where(positive, lse, torch.full_like(lse, float("-inf")))
+    m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
+    total = torch.exp(x - m).sum(dim)
+    zero = total == 0
+    lse = m.squeeze(dim) + torch.log(torch.where(zero, torch.ones_like(total), total))
+    return torch.where(zero, torch.full_like(lse, NEG_INF), lse)
 
 
-def _group_lse(x: torch.Tensor, row_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``(N, G)`` log-sum-exp of ``x`` over the classes of each group.
+def _group_log_mass(log_p: Tensor, row_groups: Tensor, num_groups: int) -> Tensor:
+    """``(N, G)``: ``log P_k = logsumexp_{i in k} log p_i``; ``row_groups`` ``(N or 1, V)``."""
+    row_groups = row_groups.expand_as(log_p)
+    columns = [_logsumexp(log_p.masked_fill(row_groups != k, NEG_INF), -1) for k in range(num_groups)]
+    return torch.stack(columns, -1)
 
-    ``row_groups`` is ``(V,)`` (the same groups for every row) or ``(N, V)`` (per-row groups).
+
+def _kl_terms(log_u: Tensor, log_v: Tensor) -> Tensor:
+    """``u (log u - log v)`` elementwise: 0 where ``u = 0``, ``+inf`` where ``v = 0 < u``."""
+    zero = log_u == NEG_INF
+    safe_u = torch.where(zero, torch.zeros_like(log_u), log_u)
+    safe_v = torch.where(zero, torch.zeros_like(log_v), log_v)
+    return torch.where(zero, torch.zeros_like(log_u), torch.exp(safe_u) * (safe_u - safe_v))
+
+
+def _within_log_prob(log_p: Tensor, log_mass: Tensor, row_groups: Tensor) -> Tensor:
+    """``log pt_i = log p_i - log P_{g(i)}`` (``-inf`` where ``p_i = 0``)."""
+    index = row_groups.expand_as(log_p)
+    zero = log_p == NEG_INF
+    mass = log_mass.gather(1, index)
+    safe_mass = torch.where(zero | (mass == NEG_INF), torch.zeros_like(mass), mass)
+    return torch.where(zero, log_p, log_p - safe_mass)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The grouped KL.
+
+def _rebalanced_log_q(log_mass_teacher: Tensor, valid: Tensor, process_group) -> Tensor:
+    """LTKD's rebalanced teacher group distribution, in log space:
+
+        log pB_k = logsumexp_{valid r} log P^T_{r,k} - log n_valid      (all ranks' rows)
+        log s_k  = log mean_{j: pB_j > 0} pB_j - log pB_k               (-inf for an empty group)
+        log q_k  = log s_k + log P^T_k - logsumexp_j (log s_j + log P^T_j)
     """
-    row_groups = row_groups.expand_as(x)
-    columns = []
-    for k in range(num_groups):
-        masked = x.masked_fill(row_groups != k, float("-inf"))
-        columns.append(_safe_logsumexp(masked, dim=-1))
-    return torch.stack(columns, dim=-1)
-
-
-def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``p (log p - log q)`` with ``0 log 0 = 0`` and no NaN gradient where ``p = 0``."""
-    positive = p > 0
-    safe_log_p = torch.where(positive, log_p, torch.zeros_like(log_p))
-    safe_log_q = torch.where(positive, log_q, torch.zeros_like(log_q))
-    return torch.where(positive, p * (safe_log_p - safe_log_q), torch.zeros_like(p))
-
-
-def _grouped_kl_statistics(b, a, row_groups, num_groups):
-    """Per-row statistics of the grouped KL from scaled logits ``b`` (student), ``a`` (teacher).
-
-    Returns ``(lse_student, lse_teacher, within)``, each ``(N, G)``: the group LSEs of both
-    models and ``within[r, k] = KL(pt^T_{r,k} || pt^S_{r,k})`` (0 where the teacher's group has
-    no mass). These are exactly what the kernels compute in their one read of the logits.
-    """
-    lse_student = _group_lse(b, row_groups, num_groups)
-    lse_teacher = _group_lse(a, row_groups, num_groups)
-    idx = row_groups.expand_as(b)
-    neg_inf = torch.full_like(b, float("-inf"))
-    # A -inf logit has within-group probability 0 even when its whole group is -inf.
-    log_pt_student = torch.where(b == float("-inf"), neg_inf, b - torch.gather(lse_student, 1, idx))
-    log_pt_teacher = torch.where(a == float("-inf"), neg_inf, a - torch.gather(lse_teacher, 1, idx))
-    per_class = _xlogy_ratio(torch.exp(log_pt_teacher), log_pt_teacher, log_pt_student)
-    within = torch.zeros_like(lse_student).scatter_add(1, idx, per_class)
-    return lse_student, lse_teacher, within
-
-
-def _rebalanced_teacher_mass(p_teacher, batch_mass):
-    """``q_{r,k} = s_k p^T_{r,k} / sum_j s_j p^T_{r,j}`` with ``s_k = mean_j(pB_j) / pB_k``.
-
-    The mean is over non-empty groups (``pB_k > 0``); an empty group gets ``s_k = 0``.
-    """
-    nonempty = batch_mass > 0
-    # Empty groups hold no mass, so the sum over all groups is the sum over non-empty ones.
-    mean_mass = batch_mass.sum() / nonempty.sum().clamp_min(1)
-    scale = torch.where(nonempty, mean_mass / torch.where(nonempty, batch_mass, 1.0), 0.0)
-    unnormalised = scale * p_teacher
-    total = unnormalised.sum(-1, keepdim=True)
-    return unnormalised / torch.where(total > 0, total, torch.ones_like(total))
-
-
-def batch_group_mass(p_teacher, valid, process_group=None):
-    """``pB_k = mean over valid rows of p^T_{r,k}``, over all processes of ``process_group``.
-
-    Computed on the device (no host synchronisation); with a process group, the per-group
-    mass sums and the valid-row count are all-reduced, so every process gets the statistic of
-    the concatenated batch. 0 when no row is valid.
-    """
-    # where, not a product: a masked row may hold NaN, and NaN * 0 is NaN.
-    valid_mass = torch.where(valid.unsqueeze(-1), p_teacher.detach(), torch.zeros_like(p_teacher))
-    count = valid.sum().to(p_teacher.dtype).reshape(1)
-    packed = torch.cat([valid_mass.sum(0), count])
+    lp = log_mass_teacher.detach()
+    lp = torch.where(valid.unsqueeze(-1), lp, torch.full_like(lp, NEG_INF))
+    G = lp.shape[-1]
+    top = lp.amax(0) if lp.shape[0] else torch.full((G,), NEG_INF, dtype=lp.dtype, device=lp.device)
+    top = torch.where(top == NEG_INF, torch.zeros_like(top), top)
+    partial = torch.cat([top, torch.exp(lp - top).sum(0), valid.sum().reshape(1).to(lp.dtype)])
     if process_group is not None:
         import torch.distributed as dist
 
-        dist.all_reduce(packed, group=process_group)
-    return packed[:-1] / packed[-1].clamp_min(1.0)
-
-
-def grouped_kl_row_losses(lse_student, lse_teacher, within, valid, *, alpha, beta, temperature,
-                          rebalance, within_weight, process_group=None):
-    """``l_r = T^2 [ alpha KL(q_r || p^S_r) + beta sum_k c_{r,k} within_{r,k} ]`` from ``(N, G)``
-    statistics: ``log p_k = lse_k - logsumexp_j lse_j``; ``q`` is the rebalanced teacher group
-    mass (``rebalance=True``, LTKD) or ``p^T`` itself; ``c = 1`` or ``c = p^T``.
-
-    Shared by the reference and every kernel backend: the kernels produce the statistics, this
-    (N, G) arithmetic turns them into row losses, and autograd carries the gradient back to the
-    statistics (and from there, through the kernels' backward, to the logits).
-    """
-    if lse_student.shape[-1] == 1:
-        # One group (KD, BKD): the group masses are both 1, so the cross term is 0 and c = 1.
-        within_sum = torch.where(valid, within[:, 0], torch.zeros_like(within[:, 0]))
-        return temperature ** 2 * beta * within_sum
-    log_p_student = lse_student - _safe_logsumexp(lse_student, dim=-1).unsqueeze(-1)
-    log_p_teacher = lse_teacher - _safe_logsumexp(lse_teacher, dim=-1).unsqueeze(-1)
-    p_teacher = log_p_teacher.exp().detach()
-    if rebalance:
-        q = _rebalanced_teacher_mass(p_teacher, batch_group_mass(p_teacher, valid, process_group))
+        world = dist.get_world_size(process_group)
+        everyone = partial.new_empty((world * partial.numel(),))
+        dist.all_gather_into_tensor(everyone, partial, group=process_group)
+        everyone = everyone.reshape(world, -1)
+        top = everyone[:, :G].amax(0)
+        total = (everyone[:, G:2 * G] * torch.exp(everyone[:, :G] - top)).sum(0)
+        count = everyone[:, 2 * G].sum()
     else:
-        q = p_teacher
-    cross = _xlogy_ratio(q, torch.log(q), log_p_student).sum(-1)
-    c = torch.ones_like(within) if within_weight == "uniform" else p_teacher
-    # Masked rows hold arbitrary statistics: zero their within terms before any product so that
-    # their (discarded) loss cannot send NaN into the gradient of valid rows.
-    within_sum = torch.where(valid, (c * within).sum(-1), torch.zeros_like(cross))
-    cross = torch.where(valid, cross, torch.zeros_like(cross))
-    return temperature ** 2 * (alpha * cross + beta * within_sum)
+        total, count = partial[G:2 * G], partial[2 * G]
+    log_pb = top + torch.log(total) - torch.log(count.clamp_min(1.0))
+    nonempty = log_pb != NEG_INF
+    log_mean = (_logsumexp(torch.where(nonempty, log_pb, torch.full_like(log_pb, NEG_INF)), 0)
+                - torch.log(nonempty.sum().to(lp.dtype).clamp_min(1.0)))
+    log_scale = torch.where(nonempty, log_mean - log_pb, torch.full_like(log_pb, NEG_INF))
+    shifted = log_scale + log_mass_teacher.detach()
+    return shifted - _logsumexp(shifted, -1).unsqueeze(-1)
 
 
-def reduce_row_losses(row_loss, sample_weight, valid, reduction):
-    """Apply ``sample_weight``, zero masked rows, then ``"batchmean"``, ``"sum"`` or ``"none"``.
+def _grouped_kl_rows(log_p_student, log_p_teacher, row_groups, num_groups, valid, *, alpha, beta,
+                     temperature, rebalance, within_teacher, group_logmass=None,
+                     process_group=None):
+    """``l_r = T^2 [alpha KL(q || P^S) + beta sum_k c_k KL(pt^T_k || pt^S_k)]`` per row, from
+    the two models' log-probabilities over the classes. ``group_logmass`` (exact teacher group
+    masses) replaces the teacher's own group masses in the cross term and in ``c``."""
+    log_mass_student = _group_log_mass(log_p_student, row_groups, num_groups)
+    own_log_mass_teacher = _group_log_mass(log_p_teacher, row_groups, num_groups)
+    log_mass_teacher = own_log_mass_teacher if group_logmass is None else group_logmass
+    log_pt_student = _within_log_prob(log_p_student, log_mass_student, row_groups)
+    log_pt_teacher = _within_log_prob(log_p_teacher, own_log_mass_teacher, row_groups)
+    per_class = _kl_terms(log_pt_teacher, log_pt_student)
+    within = torch.zeros_like(log_mass_student).scatter_add(1, row_groups.expand_as(per_class), per_class)
+    if rebalance:
+        log_q = _rebalanced_log_q(log_mass_teacher, valid, process_group)
+    else:
+        log_q = log_mass_teacher
+    cross = _kl_terms(log_q, log_mass_student).sum(-1)
+    c = torch.exp(log_mass_teacher) if within_teacher else torch.ones_like(within)
+    return temperature ** 2 * (alpha * cross + beta * (c * within).sum(-1))
 
-    ``"batchmean"`` divides the sum by the number of valid rows (0 when none is valid).
-    ``row_loss`` and ``valid`` are flat ``(N,)``; ``"none"`` returns the flat ``(N,)`` losses.
-    """
-    if sample_weight is not None:
-        row_loss = row_loss * sample_weight.to(row_loss.dtype)
-    row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
-    if reduction == "none":
-        return row_loss
-    total = row_loss.sum()
-    if reduction == "sum":
+
+# ---------------------------------------------------------------------------------------------
+# From validated arguments to the loss (shared by the public reference functions below and by
+# backend="torch" of the functional API, which validates once).
+
+def _gather_vocabulary(x: Tensor, group, differentiable: bool) -> Tensor:
+    """The whole vocabulary from each rank's contiguous slice along the last dimension
+    (slices in rank order; uneven slices padded for the collective, then cut back)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    size = torch.tensor([x.shape[-1]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    padded = torch.nn.functional.pad(x, (0, max(sizes) - x.shape[-1]))
+    if differentiable:
+        from torch.distributed.nn.functional import all_gather
+
+        pieces = all_gather(padded, group=group)
+    else:
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(pieces, padded.contiguous(), group=group)
+    return torch.cat([piece[..., :n] for piece, n in zip(pieces, sizes)], -1)
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def loss_from_arguments(args) -> Tensor:
+    """The loss of a validated call (:class:`ltkd_kernels._arguments.LossArguments`)."""
+    dtype = _compute_dtype(args.student, args.teacher, args.topk_logprobs)
+    student, teacher = args.student, args.teacher
+    groups, class_weight = args.groups, args.class_weight
+    if args.vocab_process_group is not None:
+        group = args.vocab_process_group
+        student = _gather_vocabulary(student, group, differentiable=True)
+        teacher = _gather_vocabulary(teacher.to(dtype), group, differentiable=False)
+        if groups is not None:
+            groups = _gather_vocabulary(groups, group, differentiable=False)
+        if class_weight is not None:
+            class_weight = _gather_vocabulary(class_weight, group, differentiable=False)
+    rows, vocab = student.shape
+    device = student.device
+    T = args.temperature
+    valid = torch.ones(rows, dtype=torch.bool, device=device)
+    if args.mask is not None:
+        valid = valid & (args.mask != 0)
+    target = None
+    if args.target is not None:
+        valid = valid & (args.target != args.ignore_index)
+        # An invalid row's target (ignore_index) is replaced by a harmless class.
+        target = torch.where(valid, args.target.long(), torch.zeros_like(args.target.long()))
+    if target is not None and args.vocab_process_group is not None:
+        check_target("target", target, target.shape, vocab, device, values=True)
+    keep = valid.unsqueeze(-1)
+    # An invalid row takes no part at all: whatever it holds (NaN included) never reaches a
+    # loss, a batch statistic or a gradient.
+    x = torch.where(keep, student.to(dtype), torch.zeros((), dtype=dtype, device=device))
+    b = x / T
+    log_p_student = torch.log_softmax(b, -1)
+    log_weight = None if class_weight is None else torch.log(class_weight.to(dtype))
+
+    if args.loss == "ltkd":
+        row_groups, num_groups = groups.long().unsqueeze(0), args.num_groups
+    elif args.loss == "dkd":
+        row_groups = (torch.arange(vocab, device=device).unsqueeze(0) != target.unsqueeze(-1)).long()
+        num_groups = 2
+    else:
+        row_groups, num_groups = torch.zeros(1, vocab, dtype=torch.long, device=device), 1
+
+    if teacher is not None:
+        a = torch.where(keep, teacher.to(dtype), torch.zeros((), dtype=dtype, device=device)) / T
+        if log_weight is not None:
+            a = a + log_weight
+        log_p_teacher = torch.log_softmax(a, -1)
+        row = None
+    else:
+        row, log_p_student, log_p_teacher = _topk_log_probs(args, log_p_student, b, keep,
+                                                            log_weight, dtype)
+    if row is None:
+        group_logmass = None
+        if args.group_logmass is not None:
+            group_logmass = torch.where(keep, args.group_logmass.to(dtype), torch.zeros((), dtype=dtype, device=device))
+        row = _grouped_kl_rows(
+            log_p_student, log_p_teacher, row_groups, num_groups, valid,
+            alpha=args.alpha, beta=args.beta,
+            temperature=T, rebalance=args.rebalance, within_teacher=args.within_teacher,
+            group_logmass=group_logmass, process_group=args.process_group)
+    if args.ce_weight != 0.0:
+        cross_entropy = torch.logsumexp(x, -1) - x.gather(1, target.unsqueeze(-1)).squeeze(-1)
+        row = row + args.ce_weight * cross_entropy
+    return _reduce(row, valid, args, dtype)
+
+
+def _topk_log_probs(args, log_p_student, b, keep, log_weight, dtype):
+    """The teacher of a TopKTeacher as log-probabilities over the V classes (``-inf`` off the
+    entries); ``restrict`` restricts the student too; ``bucket`` returns its row losses."""
+    rows, vocab = b.shape
+    device = b.device
+    k = args.topk_indices.shape[-1]
+    pad = torch.cat([torch.zeros(1, dtype=torch.long, device=device),
+                     torch.full((k - 1,), -1, dtype=torch.long, device=device)])
+    indices = torch.where(keep, args.topk_indices.long(), pad)
+    logprobs = torch.where(keep, args.topk_logprobs.to(dtype),
+                           torch.where(pad == 0, 0.0, NEG_INF).to(dtype))
+    entry = (indices >= 0) & (logprobs != NEG_INF)
+    # Pads go to an extra column V that is cut off after the scatter.
+    column = torch.where(entry, indices, torch.full_like(indices, vocab))
+    safe = torch.where(entry, indices, torch.zeros_like(indices))
+
+    def dense(values):
+        full = torch.full((rows, vocab + 1), NEG_INF, dtype=dtype, device=device)
+        return full.scatter(1, column, torch.where(entry, values, torch.full_like(values, NEG_INF)))[:, :vocab]
+
+    if args.rest == "bucket":  # KD, T = 1
+        log_p_student_entries = torch.where(entry, log_p_student.gather(1, safe),
+                                            torch.full_like(logprobs, NEG_INF))
+        log_teacher = torch.where(entry, logprobs, torch.full_like(logprobs, NEG_INF))
+        log_top_student = _logsumexp(log_p_student_entries, -1)
+        log_top_teacher = _logsumexp(log_teacher, -1).clamp(max=0.0)
+        row = (_kl_terms(log_teacher, log_p_student_entries).sum(-1)
+               + _kl_terms(_log1mexp(log_top_teacher), _log1mexp(log_top_student)))
+        return row, None, None
+    a = logprobs / args.temperature
+    if log_weight is not None:
+        a = a + log_weight[safe]
+    a = torch.where(entry, a, torch.full_like(a, NEG_INF))
+    log_p_teacher = dense(a - _logsumexp(a, -1).unsqueeze(-1))
+    if args.rest == "restrict":
+        b_entries = torch.where(entry, b.gather(1, safe), torch.full_like(a, NEG_INF))
+        log_p_student = dense(b_entries - _logsumexp(b_entries, -1).unsqueeze(-1))
+    return None, log_p_student, log_p_teacher
+
+
+def _reduce(row: Tensor, valid: Tensor, args, dtype) -> Tensor:
+    weight = torch.ones_like(row) if args.sample_weight is None else args.sample_weight.to(dtype)
+    contribution = torch.where(valid, weight * row, torch.zeros_like(row))
+    if args.reduction == "none":
+        return contribution.reshape(args.leading)
+    total = contribution.sum()
+    if args.reduction == "sum":
         return total
-    return total / valid.sum().clamp_min(1).to(total.dtype)
+    if args.num_items_tensor is not None:
+        denominator = args.num_items_tensor.to(dtype)
+    elif args.num_items > 0:
+        denominator = torch.tensor(args.num_items, dtype=dtype, device=row.device)
+    else:
+        denominator = torch.where(valid, weight, torch.zeros_like(weight)).sum()
+        if args.global_batchmean and args.process_group is not None:
+            import torch.distributed as dist
+
+            denominator = denominator.detach().clone()
+            dist.all_reduce(denominator, group=args.process_group)
+    safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator != 0, total / safe, torch.zeros_like(total))
 
 
-def _prepare(student_logits, teacher_logits, sample_weight, mask, reduction, temperature):
-    """Validate the common arguments; flatten to ``(N, V)`` rows."""
-    check_logits_pair(student_logits, teacher_logits, allow_float64=True)
-    check_positive("temperature", temperature)
-    check_option("reduction", reduction, ("batchmean", "sum", "none"))
-    leading = student_logits.shape[:-1]
-    vocab = student_logits.shape[-1]
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    b = student_logits.reshape(-1, vocab).to(dtype) / temperature
-    a = teacher_logits.reshape(-1, vocab).to(dtype).detach() / temperature
-    sw = check_row_tensor("sample_weight", sample_weight, leading, student_logits.device, floating=True)
-    mk = check_row_tensor("mask", mask, leading, student_logits.device, boolean=True)
-    valid = torch.ones(b.shape[0], dtype=torch.bool, device=b.device) if mk is None else mk.reshape(-1)
-    if mk is not None:
-        # A masked row takes no part at all: whatever it holds (NaN included) never reaches a
-        # loss, a batch statistic or a gradient.
-        b = torch.where(valid.unsqueeze(-1), b, torch.zeros_like(b))
-        a = torch.where(valid.unsqueeze(-1), a, torch.zeros_like(a))
-    sw = None if sw is None else sw.reshape(-1).detach()
-    return leading, b, a, sw, valid
+# ---------------------------------------------------------------------------------------------
+# The public reference functions: the signatures of the functional API.
+
+def _loss(loss, student_logits, teacher_logits, **options):
+    from ._arguments import parse_loss_arguments
+
+    options.pop("backend", None)
+    return loss_from_arguments(parse_loss_arguments(loss, student_logits, teacher_logits,
+                                                    reference=True, **options))
 
 
-def _finish(row_loss, sw, valid, reduction, leading):
-    out = reduce_row_losses(row_loss, sw, valid, reduction)
-    return out.reshape(leading) if reduction == "none" else out
-
-
-def group_logsumexp(logits, groups, num_groups=None, *, temperature=1.0):
-    """``(N, G)`` float32 ``lse_k = log sum_{i: g(i)=k} exp(z_i / T)``; ``-inf`` for an empty group.
-
-    ``logits`` has shape ``(..., V)``; the result has shape ``(..., G)``.
-    """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    check_logits_pair(logits, logits, allow_float64=True, names=("logits", "logits"))
-    check_positive("temperature", temperature)
-    num_groups = check_groups(groups, logits.shape[-1], num_groups, logits.device)
-    x = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits)) / temperature
-    out = _group_lse(x, groups.long(), num_groups)
-    return out.reshape(*logits.shape[:-1], num_groups)
-
-
-def kd_loss(student_logits, teacher_logits, *, temperature=1.0, sample_weight=None, mask=None,
-            reduction="batchmean", backend="torch"):
-    """KD: ``l_r = T^2 KL(softmax(z^T_r / T) || softmax(z^S_r / T))``."""
-    leading, b, a, sw, valid = _prepare(student_logits, teacher_logits, sample_weight, mask,
-                                        reduction, temperature)
-    log_q_student = torch.log_softmax(b, -1)
-    log_q_teacher = torch.log_softmax(a, -1)
-    row_loss = _xlogy_ratio(log_q_teacher.exp(), log_q_teacher, log_q_student).sum(-1)
-    return _finish(temperature ** 2 * row_loss, sw, valid, reduction, leading)
+def kd_loss(student_logits, teacher_logits, *, temperature=1.0, target=None, ignore_index=-100,
+            ce_weight=0.0, sample_weight=None, mask=None, reduction="batchmean",
+            num_items_in_batch=None, process_group=None, global_batchmean=False,
+            vocab_process_group=None, backend="torch"):
+    """KD: ``l_r = T^2 KL(softmax(z^T_r / T) || softmax(z^S_r / T))`` (+ ``ce_weight`` CE)."""
+    return _loss("kd", student_logits, teacher_logits, temperature=temperature, target=target,
+                 ignore_index=ignore_index, ce_weight=ce_weight, sample_weight=sample_weight,
+                 mask=mask, reduction=reduction, num_items_in_batch=num_items_in_batch,
+                 process_group=process_group, global_batchmean=global_batchmean,
+                 vocab_process_group=vocab_process_group)
 
 
 def ltkd_loss(student_logits, teacher_logits, groups, num_groups=None, *, alpha=1.0, beta=1.0,
-              temperature=1.0, rebalance=True, within_weight="uniform", sample_weight=None,
-              mask=None, reduction="batchmean", process_group=None, backend="torch"):
+              temperature=1.0, rebalance=True, within_weight="uniform", target=None,
+              ignore_index=-100, ce_weight=0.0, sample_weight=None, mask=None,
+              reduction="batchmean", num_items_in_batch=None, process_group=None,
+              global_batchmean=False, vocab_process_group=None, backend="torch"):
     """LTKD: the rebalanced cross-group KL plus within-group KLs.
 
-    ``pB_k = mean_{valid r} p^T_{r,k}`` (all-reduced over ``process_group``),
-    ``s_k = mean_j(pB_j) / pB_k``, ``q_{r,k} = s_k p^T_{r,k} / sum_j s_j p^T_{r,j}``,
+    ``pB_k = mean_{valid r} P^T_{r,k}`` (over every rank of ``process_group``),
+    ``s_k = mean_j(pB_j) / pB_k`` (mean over non-empty groups; 0 for an empty one),
+    ``q_{r,k} = s_k P^T_{r,k} / sum_j s_j P^T_{r,j}``, all in log space, and
 
-        l_r = T^2 [ alpha KL(q_r || p^S_r) + beta sum_k c_{r,k} KL(pt^T_{r,k} || pt^S_{r,k}) ]
+        l_r = T^2 [ alpha KL(q_r || P^S_r) + beta sum_k c_{r,k} KL(pt^T_{r,k} || pt^S_{r,k}) ]
 
-    with ``c = 1`` (``within_weight="uniform"``) or ``c = p^T_{r,k}`` (``"teacher"``); with
-    ``rebalance=False`` the cross term uses ``p^T_r``. ``rebalance=False,
+    with ``c = 1`` (``within_weight="uniform"``) or ``c = P^T_{r,k}`` (``"teacher"``); with
+    ``rebalance=False`` the cross term uses ``P^T_r``. ``rebalance=False,
     within_weight="teacher", alpha=beta=1`` is exactly KD.
     """
-    check_option("within_weight", within_weight, ("uniform", "teacher"))
-    leading, b, a, sw, valid = _prepare(student_logits, teacher_logits, sample_weight, mask,
-                                        reduction, temperature)
-    num_groups = check_groups(groups, b.shape[-1], num_groups, b.device)
-    stats = _grouped_kl_statistics(b, a, groups.long(), num_groups)
-    row_loss = grouped_kl_row_losses(*stats, valid, alpha=alpha, beta=beta, temperature=temperature,
-                                     rebalance=rebalance, within_weight=within_weight,
-                                     process_group=process_group)
-    return _finish(row_loss, sw, valid, reduction, leading)
+    return _loss("ltkd", student_logits, teacher_logits, groups=groups, num_groups=num_groups,
+                 alpha=alpha, beta=beta, temperature=temperature, rebalance=rebalance,
+                 within_weight=within_weight, target=target, ignore_index=ignore_index,
+                 ce_weight=ce_weight, sample_weight=sample_weight, mask=mask,
+                 reduction=reduction, num_items_in_batch=num_items_in_batch,
+                 process_group=process_group, global_batchmean=global_batchmean,
+                 vocab_process_group=vocab_process_group)
 
 
 def dkd_loss(student_logits, teacher_logits, target, *, alpha=1.0, beta=8.0, temperature=4.0,
-             sample_weight=None, mask=None, reduction="batchmean", backend="torch"):
+             ignore_index=-100, ce_weight=0.0, sample_weight=None, mask=None,
+             reduction="batchmean", num_items_in_batch=None, process_group=None,
+             global_batchmean=False, vocab_process_group=None, backend="torch"):
     """DKD: ``l_r = T^2 (alpha TCKD + beta NCKD)``.
 
     ``TCKD = KL([p^T_t, 1 - p^T_t] || [p^S_t, 1 - p^S_t])`` and ``NCKD`` is the KL between the
     teacher's and the student's softmax over the non-target classes: the grouped KL with per-row
     groups ``{t_r}`` (group 0) and the rest (group 1), no rebalancing, uniform within weights.
     """
-    leading, b, a, sw, valid = _prepare(student_logits, teacher_logits, sample_weight, mask,
-                                        reduction, temperature)
-    t = check_target("target", target, leading, b.shape[-1], b.device).reshape(-1, 1)
-    row_groups = (torch.arange(b.shape[-1], device=b.device).unsqueeze(0) != t).long()
-    stats = _grouped_kl_statistics(b, a, row_groups, 2)
-    row_loss = grouped_kl_row_losses(*stats, valid, alpha=alpha, beta=beta, temperature=temperature,
-                                     rebalance=False, within_weight="uniform")
-    return _finish(row_loss, sw, valid, reduction, leading)
+    return _loss("dkd", student_logits, teacher_logits, target=target, alpha=alpha, beta=beta,
+                 temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight,
+                 sample_weight=sample_weight, mask=mask, reduction=reduction,
+                 num_items_in_batch=num_items_in_batch, process_group=process_group,
+                 global_batchmean=global_batchmean, vocab_process_group=vocab_process_group)
 
 
 def bkd_loss(student_logits, teacher_logits, class_weight, *, temperature=2.0, target=None,
-             sample_weight=None, mask=None, reduction="batchmean", backend="torch"):
-    """BKD: ``l_r = T^2 KL(qhat_r || softmax(z^S_r / T))`` (+ ``CE(z^S_r, t_r)`` with ``target``).
+             ignore_index=-100, ce_weight=0.0, sample_weight=None, mask=None,
+             reduction="batchmean", num_items_in_batch=None, process_group=None,
+             global_batchmean=False, vocab_process_group=None, backend="torch"):
+    """BKD: ``l_r = T^2 KL(qhat_r || softmax(z^S_r / T))`` (+ ``ce_weight`` CE with ``target``).
 
-    ``qhat_r = normalize(w * softmax(z^T_r / T)) = softmax(z^T_r / T + log w)``; a class with
-    weight 0 gets probability 0. The cross-entropy is unweighted, of the raw logits (T = 1).
+    ``qhat_r = normalize(w * softmax(z^T_r / T)) = softmax(z^T_r / T + log w)`` in log space; a
+    class with weight 0 gets probability 0. The paper's loss adds the student's unweighted
+    cross-entropy (T = 1): ``ce_weight=1.0`` with ``target``.
     """
-    leading, b, a, sw, valid = _prepare(student_logits, teacher_logits, sample_weight, mask,
-                                        reduction, temperature)
-    w = check_class_weight(class_weight, b.shape[-1], b.device).to(b.dtype)
-    teacher_prob = torch.softmax(a, -1) * w
-    qhat = teacher_prob / teacher_prob.sum(-1, keepdim=True)
-    log_q_student = torch.log_softmax(b, -1)
-    row_loss = temperature ** 2 * _xlogy_ratio(qhat, torch.log(qhat), log_q_student).sum(-1)
-    if target is not None:
-        t = check_target("target", target, leading, b.shape[-1], b.device).reshape(-1, 1)
-        raw = student_logits.reshape(-1, b.shape[-1]).to(b.dtype)
-        raw = torch.where(valid.unsqueeze(-1), raw, torch.zeros_like(raw))
-        row_loss = row_loss + (torch.logsumexp(raw, -1) - raw.gather(1, t).squeeze(1))
-    return _finish(row_loss, sw, valid, reduction, leading)
+    return _loss("bkd", student_logits, teacher_logits, class_weight=class_weight,
+                 temperature=temperature, target=target, ignore_index=ignore_index,
+                 ce_weight=ce_weight, sample_weight=sample_weight, mask=mask,
+                 reduction=reduction, num_items_in_batch=num_items_in_batch,
+                 process_group=process_group, global_batchmean=global_batchmean,
+                 vocab_process_group=vocab_process_group)
+
+
+def group_logsumexp(logits, groups, num_groups=None, *, temperature=1.0, backend="torch"):
+    """``lse_k = log sum_{i: g(i)=k} exp(z_i / T)`` per row: ``(..., G)``, ``-inf`` for an empty
+    group; float32 (float64 for float64 logits)."""
+    check_logits_pair(logits, logits, allow_float64=True, names=("logits", "logits"))
+    temperature = check_positive("temperature", temperature)
+    num_groups = check_groups(groups, logits.shape[-1], num_groups, logits.device, always=True)
+    x = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits)) / temperature
+    index = groups.long().unsqueeze(0).expand_as(x)
+    columns = [_logsumexp(x.masked_fill(index != k, NEG_INF), -1) for k in range(num_groups)]
+    return torch.stack(columns, -1).reshape(*logits.shape[:-1], num_groups)
 
 
 # --- SRW: sample-wise re-weighting (its own section; see ltkd_kernels/srw.py) ---

@@ -162,3 +162,122 @@ def make_op_inputs(case: OpCase, rows: int, vocab: int, dtype):
                                for k_ in range(cfg.num_groups)], -1)
             inputs["group_logmass"] = lse - torch.logsumexp(scaled, -1, keepdim=True)
     return inputs, cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss cases (tests/test_losses.py and others): the public functions on every backend against
+# the float64 equations of tests/equations.py.
+
+# "torch": the reference; "torch-ops": the plain-torch operators that backend="auto" uses
+# where no kernel can run; then the two kernel backends.
+LOSS_BACKENDS = [pytest.param("torch"), pytest.param("torch-ops")] + kernel_backends()
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The ``backend=`` value of a test parametrized with ``LOSS_BACKENDS`` (indirectly)."""
+    name = request.param
+    if name == "torch-ops":
+        from ltkd_kernels.ops import grouped_kl as ops
+        from ltkd_kernels.ops import grouped_kl_torch
+
+        monkeypatch.setattr(ops, "kernel_module", lambda backend, device: grouped_kl_torch)
+        return "auto"
+    return name
+
+
+def with_backends(names=None):
+    """``@with_backends()``: parametrize a test's ``backend`` fixture over LOSS_BACKENDS (or
+    the given names)."""
+    params = LOSS_BACKENDS if names is None else [p for p in LOSS_BACKENDS if p.values[0] in names]
+    return pytest.mark.parametrize("backend", params, indirect=True)
+
+
+def random_groups(vocab, num_groups, empty=()):
+    """Random groups (V,) in [0, G) avoiding the groups listed in ``empty``."""
+    allowed = torch.tensor([k for k in range(num_groups) if k not in empty])
+    return allowed[torch.randint(len(allowed), (vocab,))]
+
+
+class LossCase(NamedTuple):
+    """A loss configuration: how to call the package and its float64 equation (per row)."""
+
+    name: str
+    call: object      # call(student, teacher, **options) -> loss
+    rows64: object    # rows64(student64, teacher64) -> (N,) float64 row losses
+
+
+def loss_cases(vocab, rows):
+    """Every loss configuration at ``(rows, vocab)``, with its own random groups / targets."""
+    import equations as eq
+
+    g3 = random_groups(vocab, 3)
+    g100 = random_groups(vocab, 100, empty=(0, 57, 99))
+    target = torch.randint(vocab, (rows,))
+    weight = torch.rand(vocab) + 0.05
+    if vocab > 2:
+        weight[1] = 0.0  # a class of weight 0: no teacher probability
+    lead = lambda s: target.reshape(s.shape[:-1])  # noqa: E731
+    return [
+        LossCase("kd", lambda s, t, **kw: lk.kd_loss(s, t, temperature=2.0, **kw),
+                 lambda s, t: eq.kd_rows(s, t, 2.0)),
+        LossCase("ltkd", lambda s, t, **kw: lk.ltkd_loss(s, t, g3, 3, temperature=4.0, alpha=0.7,
+                                                         beta=1.3, **kw),
+                 lambda s, t: eq.ltkd_rows(s, t, g3, 3, 4.0, 0.7, 1.3)),
+        LossCase("ltkd_teacher_within", lambda s, t, **kw: lk.ltkd_loss(
+                     s, t, g3, temperature=1.5, within_weight="teacher", **kw),
+                 lambda s, t: eq.ltkd_rows(s, t, g3, int(g3.max()) + 1, 1.5, within_weight="teacher")),
+        LossCase("ltkd_no_rebalance", lambda s, t, **kw: lk.ltkd_loss(s, t, g3, 3, rebalance=False, **kw),
+                 lambda s, t: eq.ltkd_rows(s, t, g3, 3, rebalance=False)),
+        LossCase("ltkd_G1", lambda s, t, **kw: lk.ltkd_loss(s, t, torch.zeros(vocab, dtype=torch.long),
+                                                            temperature=3.0, **kw),
+                 lambda s, t: eq.ltkd_rows(s, t, torch.zeros(vocab, dtype=torch.long), 1, 3.0)),
+        LossCase("ltkd_G100_empty_groups", lambda s, t, **kw: lk.ltkd_loss(s, t, g100, 100, **kw),
+                 lambda s, t: eq.ltkd_rows(s, t, g100, 100)),
+        LossCase("dkd", lambda s, t, **kw: lk.dkd_loss(s, t, lead(s), **kw),
+                 lambda s, t: eq.dkd_rows(s, t, target)),
+        LossCase("bkd", lambda s, t, **kw: lk.bkd_loss(s, t, weight, **kw),
+                 lambda s, t: eq.bkd_rows(s, t, weight)),
+        LossCase("bkd_ce", lambda s, t, **kw: lk.bkd_loss(s, t, weight, target=lead(s), ce_weight=1.0,
+                                                          temperature=3.0, **kw),
+                 lambda s, t: eq.bkd_rows(s, t, weight, 3.0, target)),
+        LossCase("kd_ce_half", lambda s, t, **kw: lk.kd_loss(s, t, target=lead(s), ce_weight=0.5, **kw),
+                 lambda s, t: eq.kd_rows(s, t, 1.0) + 0.5 * eq.ce_rows(s, target)),
+    ]
+
+
+LOSS_CASE_NAMES = [c.name for c in loss_cases(8, 2)]
+# (leading shape, V): one row, V = 1, V = 2, odd V, V past one 2048-wide block.
+LOSS_SHAPES = [((1,), 1), ((1,), 2), ((4,), 37), ((2, 3), 1031), ((3,), 4097)]
+
+
+def make_logits(shape, dtype):
+    student = torch.randn(shape) * 2.0
+    teacher = torch.randn(shape) * 3.0 + 0.5
+    return student.to(dtype), teacher.to(dtype)
+
+
+# The tolerance rule, relative to float64: fp32 losses at 1e-5 relative (1e-6 absolute), the
+# gradient norm-wise at 1e-5; fp16/bf16 inputs are compared with float64 on the same rounded
+# inputs, so the loss keeps fp32 accuracy and the gradient is off by its own dtype's rounding.
+GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_loss_close(actual, expected, *, scale=1.0):
+    """``actual`` (any float) against float64 ``expected``: same NaN/inf pattern, then
+    ``|a - e| <= 1e-5 |e| + 1e-6 scale`` elementwise."""
+    actual = actual.double()
+    expected = expected.double()
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), (actual, expected)
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), (actual, expected)
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-5, atol=1e-6 * scale)
+
+
+def assert_grad_close(grad, grad64, rtol=1e-5):
+    """Norm-wise relative error ``||g - g64|| / ||g64||``; non-finite entries must match."""
+    grad = grad.double()
+    assert torch.equal(torch.isfinite(grad), torch.isfinite(grad64))
+    err = torch.linalg.vector_norm(grad - grad64).item()
+    scale = torch.linalg.vector_norm(grad64).item()
+    assert err <= rtol * scale + 1e-12, f"gradient error {err:.3g} vs norm {scale:.3g}"

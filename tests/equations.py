@@ -79,25 +79,58 @@ def dkd_rows(zs, zt, target, T=4.0, alpha=1.0, beta=8.0):
     return T * T * (alpha * tckd + beta * nckd)
 
 
-def bkd_rows(zs, zt, class_weight, T=2.0, target=None):
+def bkd_rows(zs, zt, class_weight, T=2.0, target=None, ce_weight=1.0):
+    """BKD; with ``target``, plus ``ce_weight`` times the student's cross-entropy (the paper: 1)."""
     zs, zt = zs.double(), zt.double()
     q = torch.softmax(zt / T, -1) * class_weight.double()
     q = q / q.sum(-1, keepdim=True)
     loss = T * T * _kl(q, torch.softmax(zs / T, -1))
     if target is not None:
-        loss = loss + torch.nn.functional.cross_entropy(zs, target, reduction="none")
+        loss = loss + ce_weight * ce_rows(zs, target)
     return loss
 
 
-def reduce(rows, valid=None, sample_weight=None, reduction="batchmean"):
-    if sample_weight is not None:
-        rows = rows * sample_weight.double()
-    if valid is not None:
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
+def ce_rows(zs, target):
+    """The student's cross-entropy at T = 1, from its softmax."""
+    p = torch.softmax(zs.double(), -1)
+    return -torch.log(p.gather(1, target.reshape(-1, 1))).squeeze(1)
+
+
+def topk_rows(zs, indices, logprobs, T=1.0, rest="renormalize"):
+    """KD against a top-k teacher, written from the rules' definitions (probabilities, not
+    log-sum-exps): renormalize, restrict (both restricted to the entries) and bucket (T = 1)."""
+    zs = zs.double()
+    rows = []
+    for r in range(zs.shape[0]):
+        keep = (indices[r] >= 0) & (logprobs[r] > float("-inf"))
+        idx, lp = indices[r][keep].long(), logprobs[r][keep].double()
+        p_hat = torch.softmax(lp / T, -1)
+        if rest == "renormalize":
+            log_ps = torch.log_softmax(zs[r] / T, -1)[idx]
+            rows.append(T * T * (p_hat * (torch.log(p_hat) - log_ps)).sum())
+        elif rest == "restrict":
+            log_ps = torch.log_softmax(zs[r][idx] / T, -1)
+            rows.append(T * T * (p_hat * (torch.log(p_hat) - log_ps)).sum())
+        else:
+            p_t = torch.exp(lp)
+            p_s = torch.softmax(zs[r], -1)[idx]
+            r_t, r_s = 1 - p_t.sum(), 1 - p_s.sum()
+            rest_term = r_t * torch.log(r_t / r_s) if r_t > 0 else torch.zeros((), dtype=zs.dtype)
+            rows.append((p_t * torch.log(p_t / p_s)).sum() + rest_term)
+    return torch.stack(rows)
+
+
+def reduce(rows, valid=None, sample_weight=None, reduction="batchmean", num_items=None):
+    """``none`` / ``sum`` / ``batchmean``: the weighted sum over valid rows divided by their total
+    weight (their number without weights) or by ``num_items``."""
+    weight = torch.ones_like(rows) if sample_weight is None else sample_weight.double()
+    if valid is None:
+        valid = torch.ones(rows.shape[0], dtype=torch.bool)
+    rows = torch.where(valid, rows * weight, torch.zeros_like(rows))
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
-    count = rows.shape[0] if valid is None else int(valid.sum())
-    return total / max(count, 1)
+    denominator = float(num_items) if num_items is not None else float(weight[valid].sum())
+    return total / denominator if denominator != 0 else total * 0

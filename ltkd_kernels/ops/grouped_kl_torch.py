@@ -180,8 +180,7 @@ def states(student: Optional[Tensor], teacher: Optional[Tensor], topk_indices: O
                 state = torch.stack([m_s, s_s, m_t, s_t, g], 1)
 
     extras = torch.zeros(rows, NUM_EXTRAS, dtype=dtype, device=device)
-    uses_target = target is not None and (cfg.with_ce or cfg.group_rule == GROUP_TARGET)
-    if uses_target:
+    if target is not None:
         local = target.long().reshape(-1) - cfg.vocab_offset
         found = (local >= 0) & (local < vocab)
         extras[:, 3] = found.to(dtype)
@@ -236,7 +235,8 @@ def merge_extras(first: Tensor, second: Tensor) -> Tensor:
 def log_group_mass(m: Tensor, s: Tensor) -> Tensor:
     """``log p_k = lse_k - logsumexp_j lse_j`` from ``(m, s)``, keeping maxima and sums apart."""
     if m.shape[-1] == 1:
-        return torch.where(s == s, torch.zeros_like(s), s)  # 0, or NaN for a NaN sum
+        # 0, or NaN when the row has no finite logit (s = 0: no distribution) or a NaN / inf sum.
+        return torch.log(s / s)
     r = ref(m)
     top = torch.where(s != 0, r, torch.full_like(r, NEG_INF)).amax(-1, keepdim=True)
     top = ref(top)
@@ -329,7 +329,8 @@ def _weights(sample_weight: Optional[Tensor], rows: int, dtype, device) -> Tenso
 
 
 def _target_found_ok(extras: Tensor, target: Optional[Tensor], cfg: GroupedKLConfig) -> Optional[Tensor]:
-    if target is None or not (cfg.with_ce or cfg.group_rule == GROUP_TARGET):
+    """A valid row's target must be a class of the (whole) vocabulary: else its loss is NaN."""
+    if target is None:
         return None
     return extras[:, 3] == 1
 
@@ -344,8 +345,9 @@ def row_losses(state: Tensor, extras: Tensor, target: Optional[Tensor],
         cross = _kl_terms(log_p_teacher, log_p_student).sum(-1)
         kl = cross + torch.exp(log_p_teacher[:, 0]) * within[:, 0]
     elif state.shape[-1] == 1 and group_logmass is None:
-        # One group: both group masses are 1, the cross term is 0 and c = 1.
-        kl = T2 * cfg.beta * within[:, 0]
+        # One group: both group masses are 1 (log 0, or NaN for a row with no distribution),
+        # the cross term is 0 and c = 1.
+        kl = T2 * cfg.beta * within[:, 0] + (log_p_student[:, 0] + log_p_teacher[:, 0])
     else:
         log_q = _log_q(log_p_teacher, log_scale, cfg.rebalance)
         cross = _kl_terms(log_q, log_p_student).sum(-1)
@@ -448,15 +450,16 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
         out = out.scatter(1, idx, at_entries)
         out = upstream * out
     else:
+        # d row / d b_i = cross_k pt^S_i + within_k (pt^S_i - pt^T_i): the within part as a
+        # difference of probabilities, exact where they agree (a one-class group).
         if state.shape[-1] == 1 and group_logmass is None and cfg.topk_rule != TOPK_BUCKET:
-            coef_s = cfg.beta * has_teacher.to(dtype)
-            coef_t = coef_s
+            coef_cross = torch.zeros_like(log_p_student)
+            coef_within = cfg.beta * has_teacher.to(dtype)
         else:
             log_q = _log_q(log_p_teacher, log_scale, cfg.rebalance)
             c = torch.exp(log_p_teacher) if cfg.within_teacher else torch.ones_like(log_p_teacher)
-            c = c * has_teacher.to(dtype)
-            coef_s = cfg.alpha * (torch.exp(log_p_student) - torch.exp(log_q)) + cfg.beta * c
-            coef_t = cfg.beta * c
+            coef_cross = cfg.alpha * (torch.exp(log_p_student) - torch.exp(log_q))
+            coef_within = cfg.beta * c * has_teacher.to(dtype)
         scale = upstream * T
         if cfg.topk_rule == TEACHER_DENSE:
             a = teacher.to(dtype) * inv_t
@@ -464,7 +467,8 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
                 a = a + torch.log(class_weight.to(dtype))
             pt_s = within_probability(b, m_s, s_s, ids)
             pt_t = within_probability(a, m_t, s_t, ids)
-            out = scale * (coef_s.gather(1, ids) * pt_s - coef_t.gather(1, ids) * pt_t)
+            out = scale * (coef_cross.gather(1, ids) * pt_s
+                           + coef_within.gather(1, ids) * (pt_s - pt_t))
         else:
             valid_entry, idx, lp, _ = _topk_entries(topk_indices, topk_logprobs, vocab, dtype)
             a = lp * inv_t
@@ -473,16 +477,18 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
             a = torch.where(valid_entry, a, torch.full_like(a, NEG_INF))
             entry_ids, _ = _class_groups(idx, groups, target, cfg)
             pt_t = within_probability(a, m_t, s_t, entry_ids)
-            teacher_part = coef_t.gather(1, entry_ids) * pt_t
+            teacher_part = coef_within.gather(1, entry_ids) * pt_t
             if cfg.topk_rule == TOPK_RESTRICT:
                 b_entry = torch.where(valid_entry, b.gather(1, idx), torch.full_like(a, NEG_INF))
                 pt_s = within_probability(b_entry, m_s, s_s, entry_ids)
-                entries = scale * (coef_s.gather(1, entry_ids) * pt_s - teacher_part)
+                entries = scale * (coef_cross.gather(1, entry_ids) * pt_s
+                                   + coef_within.gather(1, entry_ids) * (pt_s - pt_t))
                 entries = torch.where(valid_entry, entries, torch.zeros_like(entries))
                 out = torch.zeros_like(b).scatter_add(1, idx, entries)
             else:
+                # Dense student part everywhere, then the teacher's part at the entries.
                 pt_s = within_probability(b, m_s, s_s, ids)
-                out = scale * coef_s.gather(1, ids) * pt_s
+                out = scale * (coef_cross + coef_within).gather(1, ids) * pt_s
                 entries = torch.where(valid_entry, scale * teacher_part, torch.zeros_like(teacher_part))
                 out = out.scatter_add(1, idx, -entries)
     if cfg.with_ce and target is not None:

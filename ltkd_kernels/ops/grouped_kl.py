@@ -1,0 +1,246 @@
+"""The grouped-KL custom operators: defined once with ``torch.library``, a kernel per device.
+
+- ``ltkd_kernels::grouped_kl_loss(student, teacher?, ..., <GroupedKLConfig>, backend,
+  process_group, vocab_process_group, global_batchmean) -> (loss, state, extras, saved)``:
+  the forward of every loss (``states`` + ``finish`` of docs/design.md, with the collectives of
+  the distributed modes in between).
+- ``ltkd_kernels::grouped_kl_loss_backward(grad_loss, ..., state, extras, saved, ...) -> grad``:
+  one kernel, the closed-form gradient with respect to the student logits.
+- ``ltkd_kernels::group_logsumexp(logits, groups, num_groups, temperature, backend)``.
+
+The CPU kernel is the C++ extension (``backend="cpu"`` or ``"auto"``) or, under
+``TRITON_INTERPRET=1``, the Triton kernels (``backend="triton"``, for testing); the CUDA kernel
+is Triton. ``"auto"`` without a usable kernel on the device runs the same operators in plain
+torch (:mod:`ltkd_kernels.ops.grouped_kl_torch`). Fake implementations make every operator
+traceable by ``torch.compile`` with no graph break; autograd is registered once, here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from . import grouped_kl_torch
+from .config import NUM_EXTRAS, NUM_SLOTS, REDUCE_NONE, GroupedKLConfig
+
+_LIB = torch.library.Library("ltkd_kernels", "DEF")  # noqa: TOR901 - the package's own namespace
+
+_TENSORS = ("student", "teacher", "topk_indices", "topk_logprobs", "groups", "target",
+            "class_weight", "mask", "sample_weight", "group_logmass")
+_CONFIG_FIELDS = GroupedKLConfig._fields
+_NUM_CONFIG = len(_CONFIG_FIELDS)
+
+
+def _scalar_type(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    return "int" if isinstance(value, int) else "float"
+
+
+_CONFIG_SCHEMA = ", ".join(f"{_scalar_type(default)} {name}" for name, default in
+                           zip(_CONFIG_FIELDS, GroupedKLConfig._field_defaults.values()))
+_TENSOR_SCHEMA = "Tensor student, " + ", ".join(f"Tensor? {name}" for name in _TENSORS[1:])
+
+_LIB.define(f"grouped_kl_loss({_TENSOR_SCHEMA}, Tensor? num_items_tensor, {_CONFIG_SCHEMA}, "
+            "str backend, str process_group, str vocab_process_group, bool global_batchmean) "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define(f"grouped_kl_loss_backward(Tensor grad_loss, {_TENSOR_SCHEMA}, Tensor state, "
+            f"Tensor extras, Tensor saved, {_CONFIG_SCHEMA}, str backend) -> Tensor")
+_LIB.define("group_logsumexp(Tensor logits, Tensor groups, int num_groups, float temperature, "
+            "str backend) -> Tensor")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernels run a call.
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_module():
+    from ..triton import grouped_kl
+
+    return grouped_kl
+
+
+def _cpu_module():
+    from ..cpu import grouped_kl
+
+    return grouped_kl
+
+
+def kernel_module(backend: str, device: torch.device):
+    """The module whose ``states``, ``finish``, ``grad`` and ``loss_forward`` run ``backend`` on
+    ``device``. Raises ``RuntimeError`` (saying why) for a named backend that cannot run."""
+    from ..backends import unavailable_reason
+
+    if backend == "auto":
+        if device.type == "cuda" and unavailable_reason("triton", device) is None:
+            return _triton_module()
+        if device.type == "cpu" and unavailable_reason("cpu", device) is None:
+            return _cpu_module()
+        return grouped_kl_torch
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
+    return _triton_module() if backend == "triton" else _cpu_module()
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward implementations (the same Python function for CPU and CUDA tensors).
+
+def _split(args):
+    tensors = args[:len(_TENSORS)]
+    num_items = args[len(_TENSORS)]
+    cfg = GroupedKLConfig(*args[len(_TENSORS) + 1:len(_TENSORS) + 1 + _NUM_CONFIG])
+    rest = args[len(_TENSORS) + 1 + _NUM_CONFIG:]
+    return tensors, num_items, cfg, rest
+
+
+def _loss_impl(*args):
+    tensors, num_items, cfg, (backend, process_group, vocab_group, global_batchmean) = _split(args)
+    (student, teacher, topk_indices, topk_logprobs, groups, target, class_weight, mask,
+     sample_weight, group_logmass) = tensors
+    ops = kernel_module(backend, student.device)
+    data_group = distributed.resolve(process_group)
+    vocab_group = distributed.resolve(vocab_group)
+    if data_group is None and vocab_group is None:
+        return ops.loss_forward(student, teacher, topk_indices, topk_logprobs, groups, target,
+                                class_weight, mask, sample_weight, group_logmass, num_items, cfg)
+    state, extras = ops.states(student, teacher, topk_indices, topk_logprobs, groups, target,
+                               class_weight, mask, cfg)
+    if vocab_group is not None:
+        state, extras = distributed.merge_vocab_shards(state, extras, vocab_group)
+    partials = None
+    if data_group is not None and (cfg.rebalance or global_batchmean):
+        own = ops.finish(state, extras, mask, target, sample_weight, group_logmass, None, None,
+                         cfg, partial_only=True)
+        partials = distributed.gather_partials(own, data_group)
+        cfg = cfg._replace(denominator_from_partials=bool(global_batchmean))
+    loss, saved = ops.finish(state, extras, mask, target, sample_weight, group_logmass, partials,
+                             num_items, cfg)
+    return loss, state, extras, saved
+
+
+def _loss_fake(*args):
+    tensors, _, cfg, _ = _split(args)
+    student = tensors[0]
+    rows = student.shape[0]
+    G = cfg.num_groups
+    f32 = dict(dtype=torch.float32)
+    loss = student.new_empty((rows,) if cfg.reduction == REDUCE_NONE else (), **f32)
+    return (loss, student.new_empty((rows, NUM_SLOTS, G), **f32),
+            student.new_empty((rows, NUM_EXTRAS), **f32), student.new_empty((G + 1,), **f32))
+
+
+def _backward_impl(grad_loss, *args):
+    tensors = args[:len(_TENSORS)]
+    state, extras, saved = args[len(_TENSORS):len(_TENSORS) + 3]
+    cfg = GroupedKLConfig(*args[len(_TENSORS) + 3:len(_TENSORS) + 3 + _NUM_CONFIG])
+    backend = args[-1]
+    (student, teacher, topk_indices, topk_logprobs, groups, target, class_weight, mask,
+     sample_weight, group_logmass) = tensors
+    ops = kernel_module(backend, student.device)
+    return ops.grad(student, teacher, topk_indices, topk_logprobs, groups, target, class_weight,
+                    mask, sample_weight, group_logmass, state, extras, saved, grad_loss, cfg)
+
+
+def _backward_fake(grad_loss, student, *args):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("grouped_kl_loss", _loss_impl, _key)
+    _LIB.impl("grouped_kl_loss_backward", _backward_impl, _key)
+torch.library.register_fake("ltkd_kernels::grouped_kl_loss", _loss_fake, lib=_LIB)
+torch.library.register_fake("ltkd_kernels::grouped_kl_loss_backward", _backward_fake, lib=_LIB)
+
+
+def _setup_context(ctx, inputs, output):
+    tensors, num_items, cfg, rest = _split(inputs)
+    _, state, extras, saved = output
+    ctx.save_for_backward(*tensors, state, extras, saved)
+    ctx.config = tuple(cfg)
+    ctx.backend = rest[0]
+    ctx.mark_non_differentiable(state, extras, saved)
+
+
+def _backward(ctx, grad_loss, grad_state, grad_extras, grad_saved):
+    count = len(_TENSORS) + 1 + _NUM_CONFIG + 4
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * count
+    saved_tensors = ctx.saved_tensors
+    if grad_loss.dim() == 1 and grad_loss.stride(0) != 1:
+        grad_loss = grad_loss.contiguous()  # e.g. the expanded gradient of a .sum()
+    grad_student = torch.ops.ltkd_kernels.grouped_kl_loss_backward(
+        grad_loss, *saved_tensors, *ctx.config, ctx.backend)
+    return (grad_student,) + (None,) * (count - 1)
+
+
+torch.library.register_autograd("ltkd_kernels::grouped_kl_loss", _backward,
+                                setup_context=_setup_context, lib=_LIB)
+
+
+# ---------------------------------------------------------------------------------------------
+# group_logsumexp: the student slots of the states, lse_k = ref(m_k) + log s_k.
+
+def _group_logsumexp_impl(logits, groups, num_groups, temperature, backend):
+    from .config import GROUP_CLASS
+
+    ops = kernel_module(backend, logits.device)
+    cfg = GroupedKLConfig(num_groups=num_groups, temperature=temperature, group_rule=GROUP_CLASS)
+    state, _ = ops.states(logits, None, None, None, groups, None, None, None, cfg)
+    return grouped_kl_torch.ref(state[:, 0]) + torch.log(state[:, 1])
+
+
+def _group_logsumexp_fake(logits, groups, num_groups, temperature, backend):
+    return logits.new_empty((logits.shape[0], num_groups), dtype=torch.float32)
+
+
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("group_logsumexp", _group_logsumexp_impl, _key)
+torch.library.register_fake("ltkd_kernels::group_logsumexp", _group_logsumexp_fake, lib=_LIB)
+
+
+def _lse_setup_context(ctx, inputs, output):
+    logits, groups, _, temperature, _ = inputs
+    ctx.save_for_backward(logits, groups, output)
+    ctx.temperature = temperature
+
+
+def _lse_backward(ctx, grad_lse):
+    """``d lse_k / d z_i = pt_i / T`` for ``i`` in group ``k``."""
+    logits, groups, lse = ctx.saved_tensors
+    index = groups.long().clamp(0, lse.shape[1] - 1).unsqueeze(0).expand(logits.shape[0], -1)
+    b = logits.float() / ctx.temperature
+    within = torch.exp(b - lse.gather(1, index))
+    within = torch.where(b == float("-inf"), torch.zeros_like(within), within)
+    grad = grad_lse.float().gather(1, index) * within / ctx.temperature
+    return grad.to(logits.dtype), None, None, None, None
+
+
+torch.library.register_autograd("ltkd_kernels::group_logsumexp", _lse_backward,
+                                setup_context=_lse_setup_context, lib=_LIB)
+
+
+def grouped_kl_loss(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tensor],
+                    topk_logprobs: Optional[Tensor], groups: Optional[Tensor],
+                    target: Optional[Tensor], class_weight: Optional[Tensor], mask: Optional[Tensor],
+                    sample_weight: Optional[Tensor], group_logmass: Optional[Tensor],
+                    num_items: Optional[Tensor], cfg: GroupedKLConfig, backend: str,
+                    process_group: str = "", vocab_process_group: str = "",
+                    global_batchmean: bool = False) -> Tensor:
+    """The loss (float32; ``(N,)`` for ``REDUCE_NONE``), differentiable in ``student``."""
+    loss, _, _, _ = torch.ops.ltkd_kernels.grouped_kl_loss(
+        student, teacher, topk_indices, topk_logprobs, groups, target, class_weight, mask,
+        sample_weight, group_logmass, num_items, *cfg, backend, process_group,
+        vocab_process_group, global_batchmean)
+    return loss
+
+
+def group_logsumexp(logits: Tensor, groups: Tensor, num_groups: int, temperature: float,
+                    backend: str) -> Tensor:
+    return torch.ops.ltkd_kernels.group_logsumexp(logits, groups, num_groups, temperature, backend)
