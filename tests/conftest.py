@@ -11,6 +11,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Fuzzing profiles (tests/test_fuzz.py): "ci", the default, fixed and small; "long" for 10^4
+# examples per backend (python -m pytest tests/test_fuzz.py --hypothesis-profile=long).
+settings.register_profile("ci", max_examples=150, derandomize=True, print_blob=True)
+settings.register_profile("long", max_examples=10_000, derandomize=False, print_blob=True)
+settings.load_profile("ci")
 
 import ltkd_kernels as lk  # noqa: E402
 from ltkd_kernels.ops.config import (  # noqa: E402

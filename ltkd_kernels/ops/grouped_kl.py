@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import distributed
 from . import grouped_kl_torch
-from .config import NUM_EXTRAS, NUM_SLOTS, REDUCE_NONE, GroupedKLConfig
+from .config import NUM_EXTRAS, NUM_SLOTS, REDUCE_NONE, REDUCE_SUM, GroupedKLConfig
 
 _LIB = torch.library.Library("ltkd_kernels", "DEF")  # noqa: TOR901 - the package's own namespace
 
@@ -173,10 +173,17 @@ def _backward(ctx, grad_loss, grad_state, grad_extras, grad_saved):
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None,) * count
     saved_tensors = ctx.saved_tensors
-    if grad_loss.dim() == 1 and grad_loss.stride(0) != 1:
-        grad_loss = grad_loss.contiguous()  # e.g. the expanded gradient of a .sum()
+    config = ctx.config
+    if grad_loss.dim() == 1 and grad_loss.numel() > 1 and grad_loss.stride(0) == 0:
+        # The expanded gradient of rows.sum(): the same upstream for every row is the "sum"
+        # reduction's backward with one scalar (a view, no copy).
+        grad_loss = grad_loss[0]
+        config = tuple(REDUCE_SUM if name == "reduction" else value
+                       for name, value in zip(_CONFIG_FIELDS, config))
+    elif grad_loss.dim() == 1 and grad_loss.numel() > 1 and grad_loss.stride(0) != 1:
+        grad_loss = grad_loss.contiguous()
     grad_student = torch.ops.ltkd_kernels.grouped_kl_loss_backward(
-        grad_loss, *saved_tensors, *ctx.config, ctx.backend)
+        grad_loss, *saved_tensors, *config, ctx.backend)
     return (grad_student,) + (None,) * (count - 1)
 
 

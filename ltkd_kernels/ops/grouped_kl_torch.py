@@ -115,6 +115,13 @@ def _topk_entries(topk_indices: Tensor, topk_logprobs: Tensor, vocab: int, dtype
     return valid, idx.clamp(0, max(vocab - 1, 0)), lp, bad
 
 
+def _raise_on_host(bad: Tensor, name: str, what: str) -> None:
+    """On CPU tensors a bad index raises ``ValueError`` (reading it costs nothing); on a GPU the
+    row's state becomes NaN instead, as in the Triton kernels (no host synchronisation)."""
+    if bad.device.type == "cpu" and bool(bad.any()):
+        raise ValueError(f"{name} {what}")
+
+
 def states(student: Optional[Tensor], teacher: Optional[Tensor], topk_indices: Optional[Tensor],
            topk_logprobs: Optional[Tensor], groups: Optional[Tensor], target: Optional[Tensor],
            class_weight: Optional[Tensor], mask: Optional[Tensor],
@@ -180,9 +187,16 @@ def states(student: Optional[Tensor], teacher: Optional[Tensor], topk_indices: O
                 state = torch.stack([m_s, s_s, m_t, s_t, g], 1)
 
     extras = torch.zeros(rows, NUM_EXTRAS, dtype=dtype, device=device)
+    valid = row_valid(rows, mask, target, cfg.ignore_index, device)
+    _raise_on_host(bad & valid if bad.shape[0] == rows else bad, "groups / teacher_logits.indices",
+                   f"hold a group id outside [0, {G}) or a top-k index outside [-1, V={vocab}) "
+                   "or repeated in a row")
     if target is not None:
         local = target.long().reshape(-1) - cfg.vocab_offset
         found = (local >= 0) & (local < vocab)
+        if cfg.vocab_total == 0:
+            _raise_on_host(valid & ~found, "target", f"must hold class indices in [0, V={vocab}) "
+                           f"(or ignore_index={cfg.ignore_index})")
         extras[:, 3] = found.to(dtype)
         if cfg.with_ce:
             x = student.to(dtype)
@@ -192,7 +206,6 @@ def states(student: Optional[Tensor], teacher: Optional[Tensor], topk_indices: O
             x_t = x.gather(1, local.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
             extras[:, 2] = torch.where(found, x_t, torch.zeros_like(x_t))
     state = torch.where(bad.reshape(-1, 1, 1), torch.full_like(state, float("nan")), state)
-    valid = row_valid(rows, mask, target, cfg.ignore_index, device)
     state = torch.where(valid.reshape(-1, 1, 1), state, torch.zeros_like(state))
     extras = torch.where(valid.reshape(-1, 1), extras, torch.zeros_like(extras))
     return state.to(_state_dtype(dtype)), extras.to(_state_dtype(dtype))
@@ -442,8 +455,9 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
 
     if cfg.topk_rule == TOPK_BUCKET:
         p_student = within_probability(b, m_s[:, 1:], s_s[:, 1:], torch.zeros_like(ids))
-        rest_ratio = torch.exp(log_p_teacher[:, 1] - log_p_student[:, 1])
-        out = (1.0 - rest_ratio).unsqueeze(-1) * p_student
+        # 1 - r^T / r^S, exact where the two rest masses agree
+        off_top = -torch.expm1(log_p_teacher[:, 1] - log_p_student[:, 1])
+        out = off_top.unsqueeze(-1) * p_student
         valid_entry, idx, lp, _ = _topk_entries(topk_indices, topk_logprobs, vocab, dtype)
         at_entries = p_student.gather(1, idx) - torch.where(valid_entry, torch.exp(lp), torch.zeros_like(lp))
         at_entries = torch.where(valid_entry, at_entries, out.gather(1, idx))

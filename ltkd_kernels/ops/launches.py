@@ -29,3 +29,40 @@ def counting() -> Iterator[Counter]:
         yield _active
     finally:
         _active = previous
+
+
+# ATen ops that allocate, alias or describe tensors: no kernel launch of their own on a GPU.
+NON_COMPUTE_OPS = frozenset({
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::reshape",
+    "aten::_reshape_alias", "aten::as_strided", "aten::detach", "aten::detach_", "aten::alias",
+    "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::expand_as",
+    "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::unbind",
+    "aten::split", "aten::chunk", "aten::narrow", "aten::lift_fresh", "aten::resize_",
+    "aten::set_", "aten::_unsafe_view", "aten::flatten", "aten::unflatten", "aten::view_as",
+    "aten::result_type", "aten::is_nonzero", "aten::contiguous", "aten::to", "aten::_to_copy",
+    "aten::new_empty", "aten::new_empty_strided",
+})
+
+
+def count_launches(fn):
+    """Run ``fn()`` and count what it launches: ``(total, details)`` where ``total`` is the
+    number of leaf ATen ops that compute (fills and copies included; allocations, views and
+    metadata not), plus the kernel launches :func:`record` saw (Triton kernels, calls into the
+    C++ extension), and ``details`` a Counter by name. Leaf ATen ops inside the custom
+    operators are counted too (the profiler sees them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with counting() as kernels, profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    details = Counter()
+    for event in prof.events():
+        name = event.name
+        if not name.startswith("aten::"):
+            continue
+        if any(child.name.startswith("aten::") for child in event.cpu_children):
+            continue  # a composite: its leaves are counted
+        if name in NON_COMPUTE_OPS:
+            continue
+        details[name] += 1
+    details.update(kernels)
+    return sum(details.values()), details
