@@ -268,9 +268,15 @@ def _topk_log_probs(args, log_p_student, b, keep, log_weight, dtype):
                                             torch.full_like(logprobs, NEG_INF))
         log_teacher = torch.where(entry, logprobs, torch.full_like(logprobs, NEG_INF))
         log_top_student = _logsumexp(log_p_student_entries, -1)
-        log_top_teacher = _logsumexp(log_teacher, -1).clamp(max=0.0)
+        log_top_teacher = _logsumexp(log_teacher, -1)
+        # Entries covering all V classes leave no rest bucket (its teacher "mass" would be
+        # rounding); a top above 1 (rounded log-probs) leaves a rest of 0.
+        no_rest = entry.sum(-1) == vocab
+        safe_student = torch.where(no_rest, torch.full_like(log_top_student, -1.0), log_top_student)
+        safe_teacher = torch.where(no_rest, torch.full_like(log_top_teacher, -1.0), log_top_teacher)
+        rest = _kl_terms(_log1mexp(safe_teacher), _log1mexp(safe_student))
         row = (_kl_terms(log_teacher, log_p_student_entries).sum(-1)
-               + _kl_terms(_log1mexp(log_top_teacher), _log1mexp(log_top_student)))
+               + torch.where(no_rest, torch.zeros_like(rest), rest))
         return row, None, None
     a = logprobs / args.temperature
     if log_weight is not None:

@@ -114,8 +114,10 @@ def topk_rows(zs, indices, logprobs, T=1.0, rest="renormalize"):
         else:
             p_t = torch.exp(lp)
             p_s = torch.softmax(zs[r], -1)[idx]
-            r_t, r_s = 1 - p_t.sum(), 1 - p_s.sum()
-            rest_term = r_t * torch.log(r_t / r_s) if r_t > 0 else torch.zeros((), dtype=zs.dtype)
+            r_t, r_s = (1 - p_t.sum()).clamp_min(0), 1 - p_s.sum()
+            covers_all = len(idx) == zs.shape[-1]  # no rest bucket at all
+            rest_term = (r_t * torch.log(r_t / r_s) if r_t > 0 and not covers_all
+                         else torch.zeros((), dtype=zs.dtype))
             rows.append((p_t * torch.log(p_t / p_s)).sum() + rest_term)
     return torch.stack(rows)
 

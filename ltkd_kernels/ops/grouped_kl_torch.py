@@ -82,12 +82,16 @@ def _group_state(b: Tensor, a: Optional[Tensor], ids: Tensor, num_groups: int,
     rows, dtype, device = b.shape[0], b.dtype, b.device
     ids = ids.expand_as(b)
 
+    # The sums are accumulated in float64: scatter_add adds in sequence, and the within-group
+    # KL of near-identical distributions is a small difference of the sums' logarithms.
+    wide = torch.float64
+
     def max_and_sum(x):
         m = torch.full((rows, num_groups), NEG_INF, dtype=dtype, device=device)
         m = m.scatter_reduce(1, ids, x, "amax", include_self=True)
-        terms = torch.exp(x - ref(m).gather(1, ids))
-        s = torch.zeros_like(m).scatter_add(1, ids, terms)
-        return m, s
+        terms = torch.exp(x - ref(m).gather(1, ids)).to(wide)
+        s = torch.zeros(m.shape, dtype=wide, device=device).scatter_add(1, ids, terms)
+        return m, s.to(dtype)
 
     m_s, s_s = max_and_sum(b)
     zeros = torch.zeros_like(m_s)
@@ -96,10 +100,10 @@ def _group_state(b: Tensor, a: Optional[Tensor], ids: Tensor, num_groups: int,
     m_t, s_t = max_and_sum(a)
     reference_student = ref(m_s if student_max is None else student_max).gather(1, ids)
     shifted_a = a - ref(m_t).gather(1, ids)
-    terms = torch.exp(shifted_a) * (shifted_a - (b - reference_student))
+    terms = (torch.exp(shifted_a) * (shifted_a - (b - reference_student))).to(wide)
     terms = torch.where(a == NEG_INF, torch.zeros_like(terms), terms)
-    g = zeros.scatter_add(1, ids, terms)
-    return m_s, s_s, m_t, s_t, g
+    g = torch.zeros(m_s.shape, dtype=wide, device=device).scatter_add(1, ids, terms)
+    return m_s, s_s, m_t, s_t, g.to(dtype)
 
 
 def _topk_entries(topk_indices: Tensor, topk_logprobs: Tensor, vocab: int, dtype):
@@ -177,7 +181,10 @@ def states(student: Optional[Tensor], teacher: Optional[Tensor], topk_indices: O
                 top = _group_state(b_entry, a, torch.zeros_like(idx), 1)
                 m_all, s_all, _, _, _ = _group_state(b, None, torch.zeros_like(columns), 1)
                 zeros = torch.zeros_like(m_all)
-                rest = (m_all, s_all, torch.full_like(m_all, NEG_INF), zeros, zeros)
+                # Teacher slot s of group 1: 1 when the entries cover all V classes (the rest
+                # bucket is then empty for both models by definition), else 0.
+                covers_all = (valid_entry.sum(-1, keepdim=True) == vocab).to(m_all.dtype)
+                rest = (m_all, s_all, torch.full_like(m_all, NEG_INF), covers_all, zeros)
                 state = torch.stack([torch.cat([x, y], 1) for x, y in zip(top, rest)], 1)
             elif cfg.topk_rule == TOPK_RESTRICT:
                 state = torch.stack(_group_state(b_entry, a, entry_ids, G), 1)
@@ -284,11 +291,18 @@ def _group_masses(state: Tensor, group_logmass: Optional[Tensor], cfg: GroupedKL
     """``(log p^S, log p^T)`` per row and group (BUCKET: over ``[top-k, rest]``)."""
     m_s, s_s, m_t, s_t, _ = state.unbind(1)
     if cfg.topk_rule == TOPK_BUCKET:
+        # [top-k, rest]: the teacher's top mass is the entries' own (at T = 1 their log-probs
+        # are exact), the rest is 1 minus it (0 if rounding puts the top above 1); the student's
+        # top mass is its entries' share of the whole row. Entries covering all V classes leave
+        # no rest for either model.
         log_top_student = (ref(m_s[:, :1]) - ref(m_s[:, 1:])) + torch.log(s_s[:, :1]) - torch.log(s_s[:, 1:])
-        log_top_teacher = (ref(m_t[:, :1]) + torch.log(s_t[:, :1])).clamp(max=0.0)
-        log_p_student = torch.cat([log_top_student, _log1mexp(log_top_student)], 1)
-        log_p_teacher = torch.cat([log_top_teacher, _log1mexp(log_top_teacher)], 1)
-        return log_p_student, log_p_teacher
+        log_top_teacher = ref(m_t[:, :1]) + torch.log(s_t[:, :1])
+        no_rest = s_t[:, 1:] != 0
+        none = torch.full_like(log_top_student, NEG_INF)
+        log_rest_student = torch.where(no_rest, none, _log1mexp(log_top_student))
+        log_rest_teacher = torch.where(no_rest, none, _log1mexp(log_top_teacher))
+        return (torch.cat([log_top_student, log_rest_student], 1),
+                torch.cat([log_top_teacher, log_rest_teacher], 1))
     log_p_student = log_group_mass(m_s, s_s)
     log_p_teacher = log_group_mass(m_t, s_t) if group_logmass is None else group_logmass.to(state.dtype)
     return log_p_student, log_p_teacher
@@ -454,12 +468,19 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
         return torch.where(x == NEG_INF, torch.zeros_like(x), torch.exp(shifted))
 
     if cfg.topk_rule == TOPK_BUCKET:
+        # d row / d b_i = P p^S_i - p^T_i at the entries and (P - r^T / r^S) p^S_i off them,
+        # P = P^T_top + r^T (1 unless rounding put the top above 1). 1 - r^T / r^S as an expm1:
+        # exact where the two rest masses agree.
         p_student = within_probability(b, m_s[:, 1:], s_s[:, 1:], torch.zeros_like(ids))
-        # 1 - r^T / r^S, exact where the two rest masses agree
-        off_top = -torch.expm1(log_p_teacher[:, 1] - log_p_student[:, 1])
+        total = torch.exp(log_p_teacher[:, 0]) + torch.exp(log_p_teacher[:, 1])
+        has_rest = log_p_teacher[:, 1] != NEG_INF
+        ratio_term = torch.where(has_rest, -torch.expm1(log_p_teacher[:, 1] - log_p_student[:, 1]),
+                                 torch.ones_like(total))
+        off_top = (total - 1.0) + ratio_term
         out = off_top.unsqueeze(-1) * p_student
         valid_entry, idx, lp, _ = _topk_entries(topk_indices, topk_logprobs, vocab, dtype)
-        at_entries = p_student.gather(1, idx) - torch.where(valid_entry, torch.exp(lp), torch.zeros_like(lp))
+        at_entries = (total.unsqueeze(-1) * p_student.gather(1, idx)
+                      - torch.where(valid_entry, torch.exp(lp), torch.zeros_like(lp)))
         at_entries = torch.where(valid_entry, at_entries, out.gather(1, idx))
         out = out.scatter(1, idx, at_entries)
         out = upstream * out
