@@ -481,8 +481,9 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
         valid_entry, idx, lp, _ = _topk_entries(topk_indices, topk_logprobs, vocab, dtype)
         at_entries = (total.unsqueeze(-1) * p_student.gather(1, idx)
                       - torch.where(valid_entry, torch.exp(lp), torch.zeros_like(lp)))
-        at_entries = torch.where(valid_entry, at_entries, out.gather(1, idx))
-        out = out.scatter(1, idx, at_entries)
+        # Overwrite the entries' columns; pads go to an extra column that is cut off.
+        column = torch.where(valid_entry, idx, torch.full_like(idx, vocab))
+        out = torch.cat([out, torch.zeros_like(out[:, :1])], 1).scatter(1, column, at_entries)[:, :vocab]
         out = upstream * out
     else:
         # d row / d b_i = cross_k pt^S_i + within_k (pt^S_i - pt^T_i): the within part as a
