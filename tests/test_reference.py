@@ -20,13 +20,25 @@ def test_gradcheck_reference_losses(reduction):
     weight = torch.rand(11, dtype=torch.float64) + 0.1
     mask = torch.tensor([True, False, True])
     sw = torch.rand(3, dtype=torch.float64)
+    topk = lk.topk_teacher(t, 4)
+    topk_groups = lk.topk_teacher(t, 4, groups=groups, num_groups=3, temperature=2.0)
     calls = [
         lambda x: ref.kd_loss(x, t, temperature=2.0, reduction=reduction),
         lambda x: ref.ltkd_loss(x, t, groups, temperature=3.0, alpha=0.5, beta=2.0, reduction=reduction),
         lambda x: ref.ltkd_loss(x, t, groups, within_weight="teacher", mask=mask, sample_weight=sw,
                                 reduction=reduction),
         lambda x: ref.dkd_loss(x, t, target, reduction=reduction),
-        lambda x: ref.bkd_loss(x, t, weight, target=target, reduction=reduction),
+        lambda x: ref.bkd_loss(x, t, weight, target=target, ce_weight=1.0, reduction=reduction),
+        lambda x: ref.kd_loss(x, t, target=torch.tensor([0, -100, 10]), ce_weight=0.5,
+                              sample_weight=sw, reduction=reduction),
+        lambda x: ref.ltkd_loss(x, t, groups, mask=torch.tensor([1, 1, 0]), num_items_in_batch=5,
+                                reduction=reduction),
+        lambda x: ref.kd_loss(x, topk, temperature=2.0, reduction=reduction),
+        lambda x: ref.kd_loss(x, lk.TopKTeacher(topk.indices, topk.logprobs, "restrict"),
+                              temperature=2.0, reduction=reduction),
+        lambda x: ref.kd_loss(x, lk.TopKTeacher(topk.indices, topk.logprobs, "bucket"),
+                              reduction=reduction),
+        lambda x: ref.ltkd_loss(x, topk_groups, groups, 3, temperature=2.0, reduction=reduction),
         # group 3 is empty: its -inf column has no finite differences, so it is left out
         lambda x: ref.group_logsumexp(x, groups, 4, temperature=0.7)[..., :3],
     ]
