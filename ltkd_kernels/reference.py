@@ -152,9 +152,34 @@ def _grouped_kl_rows(log_p_student, log_p_teacher, row_groups, num_groups, valid
 # From validated arguments to the loss (shared by the public reference functions below and by
 # backend="torch" of the functional API, which validates once).
 
+class _GatherVocabulary(torch.autograd.Function):
+    """All-gather of the vocabulary slices whose backward keeps this rank's slice of the
+    gradient, with no communication (Megatron's ``gather_from_tensor_model_parallel_region``).
+    Every rank computes the same loss from the gathered logits, so the gradient with respect to
+    this rank's slice is that slice of the full gradient. (``torch.distributed.nn``'s
+    ``all_gather`` would instead sum the identical gradients of all ranks: W times too large.)"""
+
+    @staticmethod
+    def forward(ctx, x, group, sizes, rank):
+        import torch.distributed as dist
+
+        padded = torch.nn.functional.pad(x, (0, max(sizes) - x.shape[-1])).contiguous()
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(pieces, padded, group=group)
+        ctx.bounds = (sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        return torch.cat([piece[..., :n] for piece, n in zip(pieces, sizes)], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, stop = ctx.bounds
+        return grad[..., start:stop], None, None, None
+
+
 def _gather_vocabulary(x: Tensor, group, differentiable: bool) -> Tensor:
     """The whole vocabulary from each rank's contiguous slice along the last dimension
-    (slices in rank order; uneven slices padded for the collective, then cut back)."""
+    (slices in rank order; uneven slices padded for the collective, then cut back). With
+    ``differentiable``, the gradient flows back to this rank's slice only (see
+    :class:`_GatherVocabulary`)."""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
@@ -162,15 +187,10 @@ def _gather_vocabulary(x: Tensor, group, differentiable: bool) -> Tensor:
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
     sizes = [int(s) for s in sizes]
-    padded = torch.nn.functional.pad(x, (0, max(sizes) - x.shape[-1]))
     if differentiable:
-        from torch.distributed.nn.functional import all_gather
-
-        pieces = all_gather(padded, group=group)
-    else:
-        pieces = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(pieces, padded.contiguous(), group=group)
-    return torch.cat([piece[..., :n] for piece, n in zip(pieces, sizes)], -1)
+        return _GatherVocabulary.apply(x, group, sizes, dist.get_rank(group))
+    with torch.no_grad():
+        return _GatherVocabulary.apply(x, group, sizes, dist.get_rank(group))
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -267,14 +287,18 @@ def _topk_log_probs(args, log_p_student, b, keep, log_weight, dtype):
         log_p_student_entries = torch.where(entry, log_p_student.gather(1, safe),
                                             torch.full_like(logprobs, NEG_INF))
         log_teacher = torch.where(entry, logprobs, torch.full_like(logprobs, NEG_INF))
-        log_top_student = _logsumexp(log_p_student_entries, -1)
-        log_top_teacher = _logsumexp(log_teacher, -1)
-        # Entries covering all V classes leave no rest bucket (its teacher "mass" would be
-        # rounding); a top above 1 (rounded log-probs) leaves a rest of 0.
+        # The rest masses, formed where they do not cancel: the student's as a log-sum over the
+        # classes off the entries, the teacher's as 1 - exp(top) with the top's log-sum taken
+        # as lp_max + log1p(sum of the others). Entries covering all V classes leave no rest
+        # bucket; a top above 1 (rounded log-probs) leaves a teacher rest of 0.
+        off_entries = torch.ones(rows, vocab + 1, dtype=torch.bool, device=device)
+        off_entries = off_entries.scatter(1, column, False)[:, :vocab]
+        log_rest_student = _logsumexp(log_p_student.masked_fill(~off_entries, NEG_INF), -1)
+        lp_max = log_teacher.amax(-1, keepdim=True)
+        others = torch.exp(log_teacher - lp_max).sum(-1) - 1.0
+        log_rest_teacher = _log1mexp(lp_max.squeeze(-1) + torch.log1p(others))
+        rest = _kl_terms(log_rest_teacher, log_rest_student)
         no_rest = entry.sum(-1) == vocab
-        safe_student = torch.where(no_rest, torch.full_like(log_top_student, -1.0), log_top_student)
-        safe_teacher = torch.where(no_rest, torch.full_like(log_top_teacher, -1.0), log_top_teacher)
-        rest = _kl_terms(_log1mexp(safe_teacher), _log1mexp(safe_student))
         row = (_kl_terms(log_teacher, log_p_student_entries).sum(-1)
                + torch.where(no_rest, torch.zeros_like(rest), rest))
         return row, None, None

@@ -113,8 +113,11 @@ def topk_rows(zs, indices, logprobs, T=1.0, rest="renormalize"):
             rows.append(T * T * (p_hat * (torch.log(p_hat) - log_ps)).sum())
         else:
             p_t = torch.exp(lp)
-            p_s = torch.softmax(zs[r], -1)[idx]
-            r_t, r_s = (1 - p_t.sum()).clamp_min(0), 1 - p_s.sum()
+            p_all = torch.softmax(zs[r], -1)
+            p_s = p_all[idx]
+            off = torch.ones_like(p_all, dtype=torch.bool)
+            off[idx] = False
+            r_t, r_s = (1 - p_t.sum()).clamp_min(0), p_all[off].sum()
             covers_all = len(idx) == zs.shape[-1]  # no rest bucket at all
             rest_term = (r_t * torch.log(r_t / r_s) if r_t > 0 and not covers_all
                          else torch.zeros((), dtype=zs.dtype))

@@ -130,7 +130,8 @@ def _check(problem, backend):
     assert torch.equal(torch.isinf(loss), torch.isinf(loss64)), (loss, loss64)
     scale = p["temperature"] ** 2
     err = (loss - loss64)[finite].abs()
-    err32 = (loss32 - loss64)[finite].abs()
+    # Where the float32 reference itself fails (NaN, inf), it gives no slack.
+    err32 = (loss32 - loss64)[finite].abs().nan_to_num(nan=0.0, posinf=0.0)
     bound = 2 * err32 + 1e-5 * loss64[finite].abs() + 1e-6 * scale
     if p["student"].dtype != torch.float32:
         bound = bound + 1e-5 * scale * (1 + loss64[finite].abs())
@@ -143,7 +144,8 @@ def _check(problem, backend):
         rows = p["student"].shape[0]
         upstream = 1.0 / rows if p["options"]["reduction"] == "batchmean" else 1.0
         floor = 1e-7 * p["temperature"] * math.sqrt(rows) * upstream
-        assert (grad - grad64).norm() <= 2 * (grad32 - grad64).norm() + rel * norm + floor, \
+        slack = (grad32 - grad64).norm().nan_to_num(nan=0.0, posinf=0.0)
+        assert (grad - grad64).norm() <= 2 * slack + rel * norm + floor, \
             f"gradient error {(grad - grad64).norm():.3g} (fp32 reference {(grad32 - grad64).norm():.3g}, norm {norm:.3g})"
 
 

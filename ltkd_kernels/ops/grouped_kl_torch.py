@@ -178,14 +178,7 @@ def states(student: Optional[Tensor], teacher: Optional[Tensor], topk_indices: O
         else:
             b_entry = torch.where(valid_entry, b.gather(1, idx), torch.full_like(a, NEG_INF))
             if cfg.topk_rule == TOPK_BUCKET:
-                top = _group_state(b_entry, a, torch.zeros_like(idx), 1)
-                m_all, s_all, _, _, _ = _group_state(b, None, torch.zeros_like(columns), 1)
-                zeros = torch.zeros_like(m_all)
-                # Teacher slot s of group 1: 1 when the entries cover all V classes (the rest
-                # bucket is then empty for both models by definition), else 0.
-                covers_all = (valid_entry.sum(-1, keepdim=True) == vocab).to(m_all.dtype)
-                rest = (m_all, s_all, torch.full_like(m_all, NEG_INF), covers_all, zeros)
-                state = torch.stack([torch.cat([x, y], 1) for x, y in zip(top, rest)], 1)
+                state = _bucket_state(b, b_entry, a, valid_entry, vocab)
             elif cfg.topk_rule == TOPK_RESTRICT:
                 state = torch.stack(_group_state(b_entry, a, entry_ids, G), 1)
             else:
@@ -287,6 +280,35 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def _bucket_state(b: Tensor, b_entry: Tensor, lp: Tensor, valid_entry: Tensor, vocab: int) -> Tensor:
+    """BUCKET's G = 2 state: group 0 the top-k entries (both models), group 1 the rest.
+
+    The rest masses are the small differences ``1 - top``, so they are formed where they do
+    not cancel: the student's off-entry sum ``s_rest = s_all - s_top`` (at the all-class max)
+    from float64 sums, the teacher's ``log r^T = log(1 - sum_j exp(lp_j))`` with the top's
+    log-sum taken as ``lp_max + log1p(sum_{j != max} exp(lp_j - lp_max))``. Group 1 holds
+    ``[m_all, s_rest, log r^T, no_rest, 0]``, ``no_rest = 1`` when the entries cover all V
+    classes (no rest bucket for either model)."""
+    wide = torch.float64
+    top = _group_state(b_entry, lp, torch.zeros_like(b_entry, dtype=torch.long), 1)
+    m_all = b.amax(-1, keepdim=True)
+    reference_all = ref(m_all)
+    s_all = torch.exp((b - reference_all).to(wide)).sum(-1, keepdim=True)
+    s_top = torch.exp((b_entry - reference_all).to(wide)).sum(-1, keepdim=True)
+    s_rest = (s_all - s_top).clamp_min(0.0)
+    lp_max = lp.amax(-1, keepdim=True)
+    others = torch.exp((lp - ref(lp_max)).to(wide)).sum(-1, keepdim=True) - 1.0
+    log_top_teacher = lp_max.to(wide) + torch.log1p(others.clamp_min(-1.0))
+    no_rest = valid_entry.sum(-1, keepdim=True) == vocab
+    log_rest_teacher = torch.where(no_rest, torch.full_like(log_top_teacher, NEG_INF),
+                                   _log1mexp(log_top_teacher))
+    s_rest = torch.where(no_rest, torch.zeros_like(s_rest), s_rest)
+    dtype = b.dtype
+    rest = (m_all, s_rest.to(dtype), log_rest_teacher.to(dtype), no_rest.to(dtype),
+            torch.zeros_like(m_all))
+    return torch.stack([torch.cat([x, y], 1) for x, y in zip(top, rest)], 1)
+
+
 def _group_masses(state: Tensor, group_logmass: Optional[Tensor], cfg: GroupedKLConfig):
     """``(log p^S, log p^T)`` per row and group (BUCKET: over ``[top-k, rest]``)."""
     m_s, s_s, m_t, s_t, _ = state.unbind(1)
@@ -295,14 +317,9 @@ def _group_masses(state: Tensor, group_logmass: Optional[Tensor], cfg: GroupedKL
         # are exact), the rest is 1 minus it (0 if rounding puts the top above 1); the student's
         # top mass is its entries' share of the whole row. Entries covering all V classes leave
         # no rest for either model.
-        log_top_student = (ref(m_s[:, :1]) - ref(m_s[:, 1:])) + torch.log(s_s[:, :1]) - torch.log(s_s[:, 1:])
+        log_p_student = log_group_mass(m_s, s_s)
         log_top_teacher = ref(m_t[:, :1]) + torch.log(s_t[:, :1])
-        no_rest = s_t[:, 1:] != 0
-        none = torch.full_like(log_top_student, NEG_INF)
-        log_rest_student = torch.where(no_rest, none, _log1mexp(log_top_student))
-        log_rest_teacher = torch.where(no_rest, none, _log1mexp(log_top_teacher))
-        return (torch.cat([log_top_student, log_rest_student], 1),
-                torch.cat([log_top_teacher, log_rest_teacher], 1))
+        return log_p_student, torch.cat([log_top_teacher, m_t[:, 1:]], 1)
     log_p_student = log_group_mass(m_s, s_s)
     log_p_teacher = log_group_mass(m_t, s_t) if group_logmass is None else group_logmass.to(state.dtype)
     return log_p_student, log_p_teacher
@@ -471,7 +488,9 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
         # d row / d b_i = P p^S_i - p^T_i at the entries and (P - r^T / r^S) p^S_i off them,
         # P = P^T_top + r^T (1 unless rounding put the top above 1). 1 - r^T / r^S as an expm1:
         # exact where the two rest masses agree.
-        p_student = within_probability(b, m_s[:, 1:], s_s[:, 1:], torch.zeros_like(ids))
+        # p^S_i = pt^S_i (within the top, its own max) times P^S_top, for every class.
+        log_all = (ref(m_s[:, :1]) + torch.log(s_s[:, :1])) - log_p_student[:, :1]
+        p_student = torch.where(b == NEG_INF, torch.zeros_like(b), torch.exp(b - log_all))
         total = torch.exp(log_p_teacher[:, 0]) + torch.exp(log_p_teacher[:, 1])
         has_rest = log_p_teacher[:, 1] != NEG_INF
         ratio_term = torch.where(has_rest, -torch.expm1(log_p_teacher[:, 1] - log_p_student[:, 1]),
