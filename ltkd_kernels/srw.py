@@ -1,7 +1,7 @@
 """SRW (sample-wise re-weighting): per-sample loss weights from the teacher's features.
 
 Samples whose teacher feature is least similar to the rest of the batch get the largest
-weight. From teacher features ``f`` (SPEC.md section 2), over the valid samples ``j`` of a
+weight. From teacher features ``f`` (docs/losses.md), over the valid samples ``j`` of a
 batch (``n`` of them), or of one image's patches::
 
     fh_i     = f_i / max(||f_i||, eps)

@@ -1,4 +1,4 @@
-"""Float64 evaluations of SPEC.md's equations, written independently of the package.
+"""Float64 evaluations of the equations of docs/losses.md, written independently of the package.
 
 Each function works row by row and class by class from softmax probabilities, exactly as the
 equations read (no log-sum-exp tricks, no shared code with ltkd_kernels), and is differentiable
@@ -22,7 +22,7 @@ def kd_rows(zs, zt, T):
 
 def grouped_rows(zs, zt, row_groups, G, T, alpha, beta, rebalance, within_weight, valid=None,
                  teacher_weight=None):
-    """The grouped KL of SPEC §2 for every row; ``row_groups``: (N, V) group of each class."""
+    """The grouped KL of docs/losses.md for every row; ``row_groups``: (N, V) group of each class."""
     zs, zt = zs.double(), zt.double()
     n, v = zs.shape
     ps = torch.softmax(zs / T, -1)

@@ -201,7 +201,7 @@ def test_nan_in_gives_nan_out(backend):
 
 @with_backends()
 def test_kd_identity(backend):
-    """SPEC §2: rebalance=False, within_weight="teacher", alpha=beta=1 is KD."""
+    """docs/losses.md: rebalance=False, within_weight="teacher", alpha=beta=1 is KD."""
     student, teacher = make_logits((5, 211), torch.float32)
     groups = random_groups(211, 5)
     grads = []
@@ -220,7 +220,7 @@ def test_kd_identity(backend):
 
 @with_backends()
 def test_ltkd_gradient_equation(backend):
-    """The closed-form gradient of SPEC §2 (batchmean over N rows):
+    """The closed-form gradient of docs/losses.md (batchmean over N rows):
     dl_r/dz_i = T [alpha (p^S_k - q_k) pt^S_i + beta c_k (pt^S_i - pt^T_i)] / N."""
     n, vocab, num_groups, T, alpha, beta = 4, 129, 3, 2.0, 0.6, 1.7
     groups = random_groups(vocab, num_groups)

@@ -1,6 +1,6 @@
 """Triton kernels of SRW (sample-wise re-weighting): ``w = softmax(-avesim / tau)`` per image.
 
-Notation (SPEC.md section 2): teacher features ``f`` of shape ``(B, P, D)`` (an ``(N, D)`` batch
+Notation (docs/losses.md): teacher features ``f`` of shape ``(B, P, D)`` (an ``(N, D)`` batch
 is ``B = 1``), ``fh_i = f_i / max(||f_i||, eps)``, ``m = mean over valid i of fh_i`` (per
 image), ``avesim_i = fh_i . m`` (the mean of row ``i`` of the paper's ``P x P`` cosine matrix,
 which is never built), ``w = softmax over valid i of (-avesim_i / tau)``.
