@@ -129,6 +129,11 @@ def _check(problem, backend):
     finite = torch.isfinite(loss64)
     assert torch.equal(torch.isinf(loss), torch.isinf(loss64)), (loss, loss64)
     scale = p["temperature"] ** 2
+    # Scaling the logits (z / T in float32) rounds each by ~6e-8 of its size: on logits far
+    # from 0 in units of T that is a perturbation the float64 oracle does not see.
+    logit_scale = max(float(p["student"].float().abs().nan_to_num(0, 0, 0).max()),
+                      float(p["teacher"].float().abs().nan_to_num(0, 0, 0).max())) / p["temperature"]
+    scale = scale * (1.0 + logit_scale)
     err = (loss - loss64)[finite].abs()
     # Where the float32 reference itself fails (NaN, inf), it gives no slack.
     err32 = (loss32 - loss64)[finite].abs().nan_to_num(nan=0.0, posinf=0.0)
@@ -143,7 +148,7 @@ def _check(problem, backend):
         # the upstream per row: a floor for gradients that are tiny differences of such terms.
         rows = p["student"].shape[0]
         upstream = 1.0 / rows if p["options"]["reduction"] == "batchmean" else 1.0
-        floor = 1e-7 * p["temperature"] * math.sqrt(rows) * upstream
+        floor = 1e-7 * p["temperature"] * math.sqrt(rows) * upstream * (1.0 + logit_scale)
         slack = (grad32 - grad64).norm().nan_to_num(nan=0.0, posinf=0.0)
         assert (grad - grad64).norm() <= 2 * slack + rel * norm + floor, \
             f"gradient error {(grad - grad64).norm():.3g} (fp32 reference {(grad32 - grad64).norm():.3g}, norm {norm:.3g})"

@@ -61,6 +61,26 @@ def test_kd_rules_match_their_equations(rest, vocab, k, backend):
 
 
 @with_backends()
+@pytest.mark.parametrize("confidence", [20.0, 40.0, 80.0])
+def test_bucket_with_a_confident_student(confidence, backend):
+    """The student's rest mass (off the teacher's top-k) is e^-confidence of the row: far below
+    the resolution of 1 - top in any float format; the rest term r^T log(r^T / r^S) is still
+    finite and exact, not inf."""
+    rows, vocab, k = 3, 300, 4
+    teacher = torch.randn(rows, vocab)
+    indices, logprobs = _topk(teacher, k)
+    student = torch.randn(rows, vocab)
+    student.scatter_(1, indices, confidence + torch.rand(rows, k))
+    top = lk.TopKTeacher(indices, logprobs, "bucket")
+    out, grad, ref, grad64 = _grad_pair(
+        lambda s: lk.kd_loss(s, top, reduction="none", backend=backend),
+        lambda s: eq.topk_rows(s, indices, logprobs, 1.0, "bucket"), student)
+    assert torch.isfinite(ref).all()
+    assert_loss_close(out, ref)
+    assert_grad_close(grad, grad64)
+
+
+@with_backends()
 @pytest.mark.parametrize("loss_name", ["kd", "ltkd", "ltkd_teacher", "dkd", "bkd"])
 def test_renormalize_is_the_dense_loss_on_the_masked_teacher(loss_name, backend):
     """Renormalize = the dense loss whose teacher is -inf off the entries (every loss)."""

@@ -178,7 +178,7 @@ def states(student: Optional[Tensor], teacher: Optional[Tensor], topk_indices: O
         else:
             b_entry = torch.where(valid_entry, b.gather(1, idx), torch.full_like(a, NEG_INF))
             if cfg.topk_rule == TOPK_BUCKET:
-                state = _bucket_state(b, b_entry, a, valid_entry, vocab)
+                state = _bucket_state(b, b_entry, a, valid_entry, idx, vocab)
             elif cfg.topk_rule == TOPK_RESTRICT:
                 state = torch.stack(_group_state(b_entry, a, entry_ids, G), 1)
             else:
@@ -280,12 +280,14 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _bucket_state(b: Tensor, b_entry: Tensor, lp: Tensor, valid_entry: Tensor, vocab: int) -> Tensor:
+def _bucket_state(b: Tensor, b_entry: Tensor, lp: Tensor, valid_entry: Tensor, indices: Tensor,
+                  vocab: int) -> Tensor:
     """BUCKET's G = 2 state: group 0 the top-k entries (both models), group 1 the rest.
 
     The rest masses are the small differences ``1 - top``, so they are formed where they do
-    not cancel: the student's off-entry sum ``s_rest = s_all - s_top`` (at the all-class max)
-    from float64 sums, the teacher's ``log r^T = log(1 - sum_j exp(lp_j))`` with the top's
+    not cancel: the student's ``s_rest``, the sum of ``exp(b_i - ref(m_all))`` over the classes
+    off the entries (directly, never as ``s_all - s_top``), the teacher's
+    ``log r^T = log(1 - sum_j exp(lp_j))`` with the top's
     log-sum taken as ``lp_max + log1p(sum_{j != max} exp(lp_j - lp_max))``. Group 1 holds
     ``[m_all, s_rest, log r^T, no_rest, 0]``, ``no_rest = 1`` when the entries cover all V
     classes (no rest bucket for either model)."""
@@ -293,9 +295,14 @@ def _bucket_state(b: Tensor, b_entry: Tensor, lp: Tensor, valid_entry: Tensor, v
     top = _group_state(b_entry, lp, torch.zeros_like(b_entry, dtype=torch.long), 1)
     m_all = b.amax(-1, keepdim=True)
     reference_all = ref(m_all)
-    s_all = torch.exp((b - reference_all).to(wide)).sum(-1, keepdim=True)
-    s_top = torch.exp((b_entry - reference_all).to(wide)).sum(-1, keepdim=True)
-    s_rest = (s_all - s_top).clamp_min(0.0)
+    # The classes off the entries, summed directly: a confident student's rest mass (e^-40 of
+    # the row, say) is below any precision's resolution of 1 - top.
+    rows = b.shape[0]
+    off_entries = torch.ones(rows, vocab + 1, dtype=torch.bool, device=b.device)
+    column = torch.where(valid_entry, indices, torch.full_like(indices, vocab))
+    off_entries = off_entries.scatter(1, column, False)[:, :vocab]
+    terms = torch.where(off_entries, torch.exp(b - reference_all), torch.zeros_like(b))
+    s_rest = terms.to(wide).sum(-1, keepdim=True)
     lp_max = lp.amax(-1, keepdim=True)
     others = torch.exp((lp - ref(lp_max)).to(wide)).sum(-1, keepdim=True) - 1.0
     log_top_teacher = lp_max.to(wide) + torch.log1p(others.clamp_min(-1.0))
