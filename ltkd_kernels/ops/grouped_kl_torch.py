@@ -498,11 +498,13 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
         # p^S_i = pt^S_i (within the top, its own max) times P^S_top, for every class.
         log_all = (ref(m_s[:, :1]) + torch.log(s_s[:, :1])) - log_p_student[:, :1]
         p_student = torch.where(b == NEG_INF, torch.zeros_like(b), torch.exp(b - log_all))
-        total = torch.exp(log_p_teacher[:, 0]) + torch.exp(log_p_teacher[:, 1])
+        # P - 1 = max(0, P^T_top - 1): exactly 0 unless the rounded log-probs put the top above 1
+        excess = torch.expm1(log_p_teacher[:, 0]).clamp_min(0.0)
+        total = 1.0 + excess
         has_rest = log_p_teacher[:, 1] != NEG_INF
         ratio_term = torch.where(has_rest, -torch.expm1(log_p_teacher[:, 1] - log_p_student[:, 1]),
                                  torch.ones_like(total))
-        off_top = (total - 1.0) + ratio_term
+        off_top = excess + ratio_term
         out = off_top.unsqueeze(-1) * p_student
         valid_entry, idx, lp, _ = _topk_entries(topk_indices, topk_logprobs, vocab, dtype)
         at_entries = (total.unsqueeze(-1) * p_student.gather(1, idx)
