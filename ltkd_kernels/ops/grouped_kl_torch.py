@@ -498,10 +498,12 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
         # p^S_i = pt^S_i (within the top, its own max) times P^S_top, for every class.
         log_all = (ref(m_s[:, :1]) + torch.log(s_s[:, :1])) - log_p_student[:, :1]
         p_student = torch.where(b == NEG_INF, torch.zeros_like(b), torch.exp(b - log_all))
-        # P - 1 = max(0, P^T_top - 1): exactly 0 unless the rounded log-probs put the top above 1
-        excess = torch.expm1(log_p_teacher[:, 0]).clamp_min(0.0)
-        total = 1.0 + excess
+        # P - 1: with a rest bucket, max(0, P^T_top - 1), exactly 0 unless the rounded log-probs
+        # put the top above 1; without one (r^T = 0), P^T_top - 1.
         has_rest = log_p_teacher[:, 1] != NEG_INF
+        excess = torch.expm1(log_p_teacher[:, 0])
+        excess = torch.where(has_rest, excess.clamp_min(0.0), excess)
+        total = 1.0 + excess
         ratio_term = torch.where(has_rest, -torch.expm1(log_p_teacher[:, 1] - log_p_student[:, 1]),
                                  torch.ones_like(total))
         off_top = excess + ratio_term
