@@ -1,9 +1,11 @@
 """The losses as the methods' papers and repositories write them: eager PyTorch, one op per line.
 
-These are the baselines a user would otherwise run (and what ``torch.compile`` is given). They
-are deliberately not the package's reference (``ltkd_kernels.reference``, which the benchmark
-checks every provider against in float64): they are the code found in the papers' repositories,
-with its N x V intermediates (softmax, log-softmax, masks, products).
+These are the baselines a user would otherwise run (and what ``torch.compile`` is given); the
+package call each one equals is in :data:`benchmarks.inputs.LOSS_OPTIONS` and
+:func:`benchmarks.providers.package_fn`. They are deliberately not the package's reference
+(``ltkd_kernels.reference``, which the benchmarks check every provider against in float64):
+they are the code found in the papers' repositories, with its N x V intermediates (softmax,
+log-softmax, masks, products).
 
 Low-precision logits are cast to float32 first, as ``torch.autocast`` does for ``softmax``,
 ``log_softmax`` and ``kl_div`` in mixed-precision training; the gradient comes back in the
@@ -90,7 +92,10 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
 
 def bkd_loss(student_logits, teacher_logits, class_weight, target, temperature=2.0):
     """BKD as in the authors' code: cross-entropy plus the KL to the class-weighted teacher
-    softmax, renormalised per row (``pred_t * weight / sum``), times ``T^2``."""
+    softmax, renormalised per row (``pred_t * weight / sum``), times ``T^2``.
+
+    The package's equal: ``lk.bkd_loss(s, t, class_weight, target=target, ce_weight=1.0,
+    temperature=T)`` (its ``target`` alone adds no cross-entropy; ``ce_weight=1.0`` does)."""
     T = temperature
     out_s = student_logits.float()
     pred_t = F.softmax(teacher_logits.float() / T, dim=1)

@@ -75,7 +75,7 @@ class _CpuMemoryPeak:
     def track(self):
         from torch.profiler import ProfilerActivity, profile
 
-        with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU],
+        with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU],
                                              profile_memory=True) as prof:
             yield
         deltas = []
@@ -121,7 +121,7 @@ def _flush_cuda_cache(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr():
+def quiet_native_stderr():
     """Silence the profiler's native log lines (written to file descriptor 2) for a moment."""
     sys.stderr.flush()
     try:
@@ -346,3 +346,15 @@ def versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
     return out
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||value - reference|| / ||reference||`` in float64 (NaN if either has a NaN or an
+    infinity): the one error measure of every check in the benchmarks."""
+    value = value.detach().double().reshape(-1).cpu()
+    reference = reference.detach().double().reshape(-1).cpu()
+    if not bool(torch.isfinite(value).all()) or not bool(torch.isfinite(reference).all()):
+        return float("nan")
+    denominator = reference.norm().item()
+    difference = (value - reference).norm().item()
+    return difference / denominator if denominator > 0 else difference

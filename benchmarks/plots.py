@@ -1,12 +1,13 @@
-"""Plots and the Markdown summary of a benchmark run (from the rows that ``run.py`` writes).
+"""The plots of the cases (PNG, matplotlib's Agg backend), from the rows the runner writes.
 
-    python -m benchmarks.plots benchmarks/results/cpu-quick   # redraw from results.json
+    python -m benchmarks.plots benchmarks/results/cpu/lm    # redraw from results.json
 
-- ``time_vs_V.png``: full-step (forward + backward) time against V, one panel per loss, one
-  line per provider (the band is the 20-80% quantiles), with the copy-bandwidth floor;
-- ``memory_vs_V.png``: peak memory of the full step against V, with the size of the two
-  logit tensors for scale;
-- ``srw_vs_N.png``: SRW weights, time and peak memory against the batch size N.
+- ``lm``: ``time_vs_V.png`` (full-step time against V, one panel per loss, one line per
+  provider, the 20-80% band, the copy-bandwidth floor) and ``memory_vs_V.png``;
+- ``classification``: ``speedup.png``, the package's speed-up over eager per loss and size;
+- ``topk``: ``topk.png``, full-step time and peak memory (over the gradient) against k, the
+  dense teacher as a line;
+- ``srw``: ``srw_vs_N.png``, time and peak memory against N.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 from collections import Counter, defaultdict
 from typing import Dict, List
 
-PROVIDER_ORDER = ("triton", "cpu", "torch", "eager", "compile", "liger")
+from .report import LOSS_ORDER, PROVIDER_ORDER
+
 PROVIDER_LABELS = {
     "triton": "ltkd_kernels (triton)",
     "cpu": "ltkd_kernels (cpu, C++)",
@@ -33,7 +35,15 @@ PROVIDER_STYLE = {
     "compile": dict(color="tab:green", marker="D"),
     "liger": dict(color="tab:purple", marker="v"),
 }
-LOSS_ORDER = ("ltkd", "kd", "dkd", "bkd", "srw")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _providers_in(rows) -> List[str]:
@@ -43,6 +53,12 @@ def _providers_in(rows) -> List[str]:
 
 def _ok(row) -> bool:
     return row["status"] == "ok" and row["median_ms"] is not None
+
+
+def _title(what: str, metadata: Dict) -> str:
+    device = metadata.get("device", {})
+    name = device.get("name", device.get("type", "?"))
+    return f"{what}; {name}; {str(metadata.get('date', ''))[:10]}"
 
 
 def _plot_selection(rows, loss):
@@ -59,262 +75,207 @@ def _plot_selection(rows, loss):
         by_n[r["N"]].add(r["V"])
     N = max(by_n, key=lambda n: (len(by_n[n]), n))
     candidates = [r for r in candidates if r["N"] == N]
-    gs = Counter(r["G"] for r in candidates)
-    G = gs.most_common(1)[0][0]
+    G = Counter(r["G"] for r in candidates).most_common(1)[0][0]
     return [r for r in candidates if r["G"] == G], N, G, dtype
 
 
-def _device_name(metadata) -> str:
-    device = metadata.get("device", {})
-    return device.get("name", device.get("type", "?"))
+def _panel_lines(ax, selected, quantity):
+    """One line per provider on ``ax``; returns the FAIL/ERROR notes."""
+    failures = []
+    for provider in _providers_in(selected):
+        points = sorted((r for r in selected if r["provider"] == provider and _ok(r)),
+                        key=lambda r: r["V"])
+        failed = [r for r in selected if r["provider"] == provider and not _ok(r)]
+        style, label = PROVIDER_STYLE.get(provider, {}), PROVIDER_LABELS.get(provider, provider)
+        if failed:
+            failures.append(f"{label}: FAIL/ERROR at {len(failed)} size(s), not shown")
+        if not points:
+            ax.plot([], [], label=label, **style)
+            continue
+        V = [r["V"] for r in points]
+        if quantity == "time":
+            ax.plot(V, [r["median_ms"] for r in points], label=label, **style)
+            ax.fill_between(V, [r["p20_ms"] for r in points], [r["p80_ms"] for r in points],
+                            color=style.get("color"), alpha=0.15, linewidth=0)
+        else:
+            ax.plot(V, [max(r["peak_mem_mib"] or 0.0, 1e-3) for r in points], label=label, **style)
+    return failures
 
 
-def write_plots(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
-    """Write the PNG plots; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    losses = [l for l in LOSS_ORDER if l != "srw" and any(r["loss"] == l and r["V"] for r in rows)]
-    device = _device_name(metadata)
-    if losses:
-        for quantity, file_name in (("time", "time_vs_V.png"), ("memory", "memory_vs_V.png")):
-            columns = min(2, len(losses))
-            nrows = (len(losses) + columns - 1) // columns
-            fig, axes = plt.subplots(nrows, columns, figsize=(6.2 * columns, 4.4 * nrows),
-                                     squeeze=False)
-            subtitle = None
-            for ax, loss in zip(axes.flat, losses):
-                selected, N, G, dtype = _plot_selection(rows, loss)
-                failures = []
-                subtitle = f"N={N}, {dtype}"
-                for provider in _providers_in(selected):
-                    points = sorted((r for r in selected if r["provider"] == provider and _ok(r)),
-                                    key=lambda r: r["V"])
-                    failed = [r for r in selected if r["provider"] == provider and not _ok(r)]
-                    style = PROVIDER_STYLE[provider]
-                    label = PROVIDER_LABELS[provider]
-                    if failed:
-                        failures.append(f"{label}: FAIL/ERROR at {len(failed)} "
-                                        f"size{'s' if len(failed) > 1 else ''}, not shown")
-                    if not points:
-                        ax.plot([], [], label=label, **style)
-                        continue
-                    V = [r["V"] for r in points]
-                    if quantity == "time":
-                        ax.plot(V, [r["median_ms"] for r in points], label=label, **style)
-                        ax.fill_between(V, [r["p20_ms"] for r in points],
-                                        [r["p80_ms"] for r in points], color=style["color"],
-                                        alpha=0.15, linewidth=0)
-                    else:
-                        ax.plot(V, [max(r["peak_mem_mib"] or 0.0, 1e-3) for r in points],
-                                label=label, **style)
-                Vs = sorted({r["V"] for r in selected})
-                if quantity == "time":
-                    floor = {r["V"]: r["floor_ms"] for r in selected if r["floor_ms"]}
-                    if floor:
-                        xs = sorted(floor)
-                        ax.plot(xs, [floor[v] for v in xs], color="black", linestyle="--",
-                                linewidth=1, label="floor: 5 N V s bytes / copy bandwidth")
-                    ax.set_ylabel("full step (forward + backward), median ms")
-                else:
-                    size = 4 if dtype == "float32" else 2
-                    ax.plot(Vs, [2 * N * v * size / 2 ** 20 for v in Vs], color="black",
-                            linestyle=":", linewidth=1, label="for scale: the two logit tensors")
-                    ax.set_ylabel("peak memory of the full step, MiB")
-                group_text = f", G={G}" if G is not None else ""
-                ax.set_title(f"{loss.upper()}  (N={N}{group_text}, {dtype})")
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                ax.set_xlabel("V (classes / vocabulary)")
-                ax.grid(True, which="both", alpha=0.3)
-                if failures:
-                    ax.text(0.01, 0.99, "\n".join(failures), transform=ax.transAxes,
-                            fontsize=7, va="top", color="darkred")
-            for ax in list(axes.flat)[len(losses):]:
-                ax.set_visible(False)
-            # One legend for all panels (the same providers and line styles), under them.
-            handles, labels = {}, {}
-            for ax in axes.flat:
-                for handle, label in zip(*ax.get_legend_handles_labels()):
-                    handles.setdefault(label, handle)
-                    labels.setdefault(label, label)
-            what = "time" if quantity == "time" else "peak memory"
-            fig.suptitle(f"{what} against V, {subtitle}; {device}; {metadata.get('date', '')[:10]}",
-                         fontsize=10)
-            fig.tight_layout(rect=(0, 0.07, 1, 1))
-            fig.legend(list(handles.values()), list(labels.values()), loc="lower center",
-                       ncol=3, fontsize=8.5, frameon=False)
-            fig.savefig(os.path.join(out_dir, file_name), dpi=110)
-            plt.close(fig)
-            written.append(file_name)
-    srw = [r for r in rows if r["loss"] == "srw"]
-    if srw:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-        for provider in _providers_in(srw):
-            points = sorted((r for r in srw if r["provider"] == provider and _ok(r)),
-                            key=lambda r: r["N"])
-            if not points:
-                continue
-            N = [r["N"] for r in points]
-            style = PROVIDER_STYLE[provider]
-            axes[0].plot(N, [r["median_ms"] for r in points], label=PROVIDER_LABELS[provider],
-                         **style)
-            axes[1].plot(N, [max(r["peak_mem_mib"] or 0.0, 1e-3) for r in points],
-                         label=PROVIDER_LABELS[provider], **style)
-        floor = sorted({(r["N"], r["floor_ms"]) for r in srw if r["floor_ms"]})
+def _panel(ax, rows, loss, quantity) -> str:
+    selected, N, G, dtype = _plot_selection(rows, loss)
+    failures = _panel_lines(ax, selected, quantity)
+    Vs = sorted({r["V"] for r in selected})
+    if quantity == "time":
+        floor = {r["V"]: r["floor_ms"] for r in selected if r["floor_ms"]}
         if floor:
-            axes[0].plot([n for n, _ in floor], [f for _, f in floor], color="black",
-                         linestyle="--", linewidth=1, label="floor: N D s bytes / copy bandwidth")
-        D = srw[0]["D"]
-        axes[0].set_ylabel("SRW weights, median ms")
-        axes[1].set_ylabel("peak memory, MiB")
-        for ax in axes:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("N (batch size)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"SRW weights (D={D}) against N; {device}; {metadata.get('date', '')[:10]}",
-                     fontsize=10)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "srw_vs_N.png"), dpi=110)
+            xs = sorted(floor)
+            ax.plot(xs, [floor[v] for v in xs], color="black", linestyle="--", linewidth=1,
+                    label="floor: 5 N V s bytes / copy bandwidth")
+        ax.set_ylabel("full step (forward + backward), median ms")
+    else:
+        size = 4 if dtype == "float32" else 2
+        ax.plot(Vs, [2 * N * v * size / 2 ** 20 for v in Vs], color="black", linestyle=":",
+                linewidth=1, label="for scale: the two logit tensors")
+        ax.set_ylabel("peak memory of the full step, MiB")
+    ax.set_title(f"{loss.upper()}  (N={N}{f', G={G}' if G is not None else ''}, {dtype})")
+    ax.set(xscale="log", yscale="log", xlabel="V (classes / vocabulary)")
+    ax.grid(True, which="both", alpha=0.3)
+    if failures:
+        ax.text(0.01, 0.99, "\n".join(failures), transform=ax.transAxes, fontsize=7, va="top",
+                color="darkred")
+    return f"N={N}, {dtype}"
+
+
+def _shared_legend(fig, axes) -> None:
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=8.5,
+               frameon=False)
+
+
+def plot_time_vs_V(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
+    """``time_vs_V.png`` and ``memory_vs_V.png`` (case ``lm``)."""
+    losses = [l for l in LOSS_ORDER if any(r["loss"] == l and r["V"] for r in rows)]
+    if not losses:
+        return []
+    plt = _pyplot()
+    written = []
+    for quantity, file_name in (("time", "time_vs_V.png"), ("memory", "memory_vs_V.png")):
+        columns = min(2, len(losses))
+        nrows = (len(losses) + columns - 1) // columns
+        fig, axes = plt.subplots(nrows, columns, figsize=(6.2 * columns, 4.4 * nrows), squeeze=False)
+        subtitle = ""
+        for ax, loss in zip(axes.flat, losses):
+            subtitle = _panel(ax, rows, loss, quantity)
+        for ax in list(axes.flat)[len(losses):]:
+            ax.set_visible(False)
+        what = "time" if quantity == "time" else "peak memory"
+        fig.suptitle(_title(f"{what} against V, {subtitle}", metadata), fontsize=10)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        _shared_legend(fig, axes)
+        fig.savefig(os.path.join(out_dir, file_name), dpi=110)
         plt.close(fig)
-        written.append("srw_vs_N.png")
+        written.append(file_name)
     return written
 
 
-def _number(x: float) -> str:
-    """3 significant digits without scientific notation for the sizes a table shows."""
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    return f"{x:.3g}"
+def plot_speedups(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
+    """``speedup.png`` (case ``classification``): per size, one bar per loss, of the package
+    backend's speed-up over eager (log scale; the line at 1 is eager)."""
+    package = [r for r in rows if r["provider"] in ("cpu", "triton") and r["mode"] == "full"
+               and r.get("x_eager")]
+    if not package:
+        return []
+    plt = _pyplot()
+    sizes = sorted({(r["N"], r["V"]) for r in package}, key=lambda s: (s[1], s[0]))
+    losses = [l for l in LOSS_ORDER if any(r["loss"] == l for r in package)]
+    index = {(r["loss"], r["N"], r["V"]): r["x_eager"] for r in package}
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(sizes) + 2), 4.4))
+    width = 0.8 / len(losses)
+    for j, loss in enumerate(losses):
+        xs = [i + (j - (len(losses) - 1) / 2) * width for i in range(len(sizes))]
+        ax.bar(xs, [index.get((loss, N, V), 0.0) for N, V in sizes], width, label=loss.upper())
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xticks(range(len(sizes)))
+    ax.set_xticklabels([f"N={N}\nV={V}" for N, V in sizes], fontsize=8)
+    ax.set(yscale="log", ylabel="speed-up over eager (full step)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(_title(f"{package[0]['provider']} backend vs the papers' eager code", metadata),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "speedup.png"), dpi=110)
+    plt.close(fig)
+    return ["speedup.png"]
 
 
-def _cell(row, what: str) -> str:
-    if row is None:
-        return "—"
-    if row["status"] == "FAIL":
-        errs = [e for e in (row["loss_rel_err"], row["grad_rel_err"]) if e is not None]
-        return f"FAIL (rel err {max(errs):.1e})" if errs else "FAIL"
-    if row["status"] != "ok":
-        return row["status"].lower()
-    if what == "time":
-        memory = row["peak_mem_mib"]
-        mem = "" if memory is None else f" · {_number(memory)} MiB"
-        return f"{_number(row['median_ms'])} ms{mem}"
-    return f"{_number(row['gb_per_s'])} GB/s ({_number(100 * row['fraction_of_floor'])}%)"
+def plot_topk(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
+    """``topk.png`` (case ``topk``): full-step time against k per loss, the dense teacher's as
+    a dashed line; peak memory above the inputs over the gradient's size (1 = the gradient)."""
+    full = [r for r in rows if r["mode"] == "full" and _ok(r)]
+    if not full:
+        return []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for n, loss in enumerate(l for l in LOSS_ORDER if any(r["loss"] == l for r in full)):
+        color = f"C{n}"
+        mine = sorted((r for r in full if r["loss"] == loss and r["k"]), key=lambda r: r["k"])
+        dense = next((r for r in full if r["loss"] == loss and r["k"] is None), None)
+        for ax, field in zip(axes, ("median_ms", "peak_vs_grad")):
+            ax.plot([r["k"] for r in mine], [r.get(field) or 0.0 for r in mine], marker="o",
+                    color=color, label=f"{loss.upper()} top-k")
+            if dense is not None and dense.get(field):
+                ax.axhline(dense[field], color=color, linestyle="--", linewidth=1,
+                           label=f"{loss.upper()} dense teacher")
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    ks = sorted({r["k"] for r in full if r["k"]})
+    for ax, label in zip(axes, ("full step, median ms", "peak memory above inputs / gradient")):
+        ax.set(xscale="log", xlabel="k (teacher entries per row)", ylabel=label)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_ylim(0, max(ax.get_ylim()[1], 2.0 if ax is axes[1] else 0.0))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    r = full[0]
+    fig.suptitle(_title(f"top-k teacher, N={r['N']}, V={r['V']}, {r['dtype']}", metadata), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "topk.png"), dpi=110)
+    plt.close(fig)
+    return ["topk.png"]
 
 
-def _pivot(rows, providers, mode, what) -> List[str]:
-    keys = []
-    for r in rows:
-        key = (r["loss"], r["N"], r["V"], r["G"], r["D"], r["dtype"])
-        if r["mode"] == mode and key not in keys:
-            keys.append(key)
-    keys.sort(key=lambda k: (LOSS_ORDER.index(k[0]), k[5], k[1], k[2] or 0, k[3] or 0))
-    lines = ["| loss | N | V (D) | dtype | " + " | ".join(providers) + " |",
-             "|---|--:|--:|---|" + "---|" * len(providers)]
-    index = {(r["loss"], r["N"], r["V"], r["G"], r["D"], r["dtype"], r["mode"], r["provider"]): r
-             for r in rows}
-    for key in keys:
-        loss, N, V, G, D, dtype = key
-        name = loss.upper() + (f" (G={G})" if G is not None else "")
-        size = f"{V:,}" if V is not None else f"({D})"
-        cells = [_cell(index.get(key + (mode, p)), what) for p in providers]
-        lines.append(f"| {name} | {N:,} | {size} | {dtype} | " + " | ".join(cells) + " |")
-    return lines
+def plot_srw(rows: List[Dict], metadata: Dict, out_dir: str) -> List[str]:
+    """``srw_vs_N.png`` (case ``srw``): time and peak memory against N, with the floor."""
+    srw = [r for r in rows if r["loss"] == "srw"]
+    if not srw:
+        return []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for provider in _providers_in(srw):
+        points = sorted((r for r in srw if r["provider"] == provider and _ok(r)), key=lambda r: r["N"])
+        style, label = PROVIDER_STYLE.get(provider, {}), PROVIDER_LABELS.get(provider, provider)
+        if points:
+            N = [r["N"] for r in points]
+            axes[0].plot(N, [r["median_ms"] for r in points], label=label, **style)
+            axes[1].plot(N, [max(r["peak_mem_mib"] or 0.0, 1e-3) for r in points], label=label, **style)
+    floor = sorted({(r["N"], r["floor_ms"]) for r in srw if r["floor_ms"]})
+    if floor:
+        axes[0].plot([n for n, _ in floor], [f for _, f in floor], color="black", linestyle="--",
+                     linewidth=1, label="floor: N D s bytes / copy bandwidth")
+    axes[0].set_ylabel("SRW weights, median ms")
+    axes[1].set_ylabel("peak memory, MiB")
+    for ax in axes:
+        ax.set(xscale="log", yscale="log", xlabel="N (batch size)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(f"SRW weights (D={srw[0]['D']}) against N", metadata), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "srw_vs_N.png"), dpi=110)
+    plt.close(fig)
+    return ["srw_vs_N.png"]
 
 
-def summary_markdown(rows: List[Dict], metadata: Dict) -> str:
-    """The headline tables (full step: time and memory; bandwidth) and the run's metadata."""
-    device = metadata.get("device", {})
-    versions = metadata.get("versions", {})
-    providers = _providers_in(rows)
-    lines = [f"# Benchmark results: {metadata.get('name', '')}", ""]
-    lines.append(f"- device: {_device_name(metadata)}; {device.get('logical_cpus')} logical CPUs; "
-                 f"load average (1, 5, 15 min) {device.get('load_average_at_start')} at the start, "
-                 f"{device.get('load_average_at_end')} at the end")
-    lines.append(f"- date: {metadata.get('date')}; command: `{metadata.get('command')}`; "
-                 f"wall time {metadata.get('wall_s', 0):.0f} s")
-    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()
-                                            if v and k != "git_modified_files"))
-    if versions.get("git_modified_files"):
-        lines.append("- files differing from that commit when measured: "
-                     + ", ".join(f"`{f}`" for f in versions["git_modified_files"]))
-    lines.append(f"- copy bandwidth (bytes read + written): "
-                 f"{metadata.get('copy_bandwidth_gb_per_s', 0):.2f} GB/s at the start, "
-                 f"{metadata.get('copy_bandwidth_end', {}).get('gb_per_s', 0):.2f} GB/s at the end")
-    probe = metadata.get("parallel_stall_probe") or {}
-    if probe.get("start"):
-        lines.append(f"- parallel stall probe (median of a 4 MiB `fill_` over "
-                     f"{probe['start']['threads']} threads): {probe['start']['median_ms']:.3f} ms "
-                     f"at the start, {probe['end']['median_ms']:.3f} ms at the end (tens of "
-                     f"microseconds on an idle machine; milliseconds mean other processes held "
-                     f"the cores and small ops stalled)")
-    for provider, reason in metadata.get("providers_left_out", {}).items():
-        lines.append(f"- `{provider}` left out: {reason}")
-    if metadata.get("quick"):
-        lines.append(f"- `--quick`: {metadata['quick']}")
-    in_cache = {(r["loss"], r["N"], r["V"], r["G"], r["D"], r["dtype"]) for r in rows
-                if r.get("inputs_fit_in_cache") in (True, "True")}
-    if in_cache:
-        llc = device.get("last_level_cache_bytes")
-        size = f"{llc / 2 ** 20:.0f} MiB " if llc else ""
-        total = len({(r["loss"], r["N"], r["V"], r["G"], r["D"], r["dtype"]) for r in rows})
-        lines.append(f"- for {len(in_cache)} of {total} problems all rotated input sets together "
-                     f"fit in the {size}last-level cache (column `inputs_fit_in_cache`): there "
-                     f"the inputs may come from cache, while the floor uses the copy bandwidth "
-                     f"of memory")
-    lines += ["", "Cells: median time of one call · peak memory above the inputs (see "
-              "`benchmarks/measure.py`). FAIL: the provider disagrees with the float64 reference "
-              "and is not timed. —: not run for this problem.", ""]
-    has = {r["mode"] for r in rows}
-    if "full" in has:
-        lines += ["## Full training step (forward + backward): median time · peak memory", ""]
-        lines += _pivot(rows, providers, "full", "time")
-        lines += ["", "## Full step: achieved GB/s (fraction of the copy-bandwidth floor)", "",
-                  "Bytes that must move: 5 N V s (read both logits twice, write the gradient); "
-                  "SRW: N D s. Floor = bytes / measured copy bandwidth.", ""]
-        lines += _pivot(rows, providers, "full", "bandwidth")
-    for mode in ("forward", "backward"):
-        mode_rows = [r for r in rows if r["mode"] == mode]
-        if mode_rows:
-            lines += ["", f"## {mode.capitalize()} only: median time · peak memory", ""]
-            lines += _pivot(mode_rows, providers, mode, "time")
-    compiles, seen = [], set()
-    for r in rows:
-        key = (r["loss"], r["N"], r["V"], r["G"], r["D"], r["dtype"])
-        if r["provider"] == "compile" and r["compile_s"] is not None and key not in seen:
-            seen.add(key)
-            compiles.append(r)
-    if compiles:
-        lines += ["", "## torch.compile: first call (compilation of forward and backward), s", "",
-                  "| loss | N | V (D) | compile s |", "|---|--:|--:|--:|"]
-        for r in compiles:
-            size = f"{r['V']:,}" if r["V"] is not None else f"({r['D']})"
-            lines.append(f"| {r['loss'].upper()} | {r['N']:,} | {size} | {r['compile_s']:.1f} |")
-    if metadata.get("messages"):
-        lines += ["", "## Messages of the run", ""]
-        lines += [f"- {m}" for m in metadata["messages"]]
-    return "\n".join(lines) + "\n"
+PLOTS = {"lm": plot_time_vs_V, "classification": plot_speedups, "topk": plot_topk,
+         "srw": plot_srw}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m benchmarks.plots RESULTS_FOLDER", file=sys.stderr)
+        print("usage: python -m benchmarks.plots RESULTS_FOLDER_OF_ONE_CASE", file=sys.stderr)
         return 2
     with open(os.path.join(argv[0], "results.json")) as f:
         data = json.load(f)
-    written = write_plots(data["results"], data["metadata"], argv[0])
-    with open(os.path.join(argv[0], "summary.md"), "w") as f:
-        f.write(summary_markdown(data["results"], data["metadata"]))
-    print(f"wrote {', '.join(written + ['summary.md'])} to {argv[0]}")
+    plot = PLOTS.get(data["metadata"].get("case"))
+    if plot is None:
+        print(f"no plots for case {data['metadata'].get('case')!r}", file=sys.stderr)
+        return 2
+    written = plot(data["results"], data["metadata"], argv[0])
+    print(f"wrote {', '.join(written) or 'nothing'} to {argv[0]}")
     return 0
 
 

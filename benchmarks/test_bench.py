@@ -11,7 +11,9 @@ inputs (a provider that disagrees fails its case instead of being timed), then t
 with ``benchmark.pedantic``: the set-up (a fresh gradient; the forward, for ``backward``) is
 untimed, every round is one call. A provider that cannot run here is skipped with the reason.
 ``extra_info`` holds the bytes that must move, the achieved GB/s and the check's errors.
-The side-by-side runner with the bandwidth floor, CSV and plots is ``python -m benchmarks.run``.
+The side-by-side harness with the bandwidth floor, CSV and plots is ``python -m benchmarks.run``;
+these cases are the same providers and checks (:mod:`benchmarks.providers`) in pytest-benchmark's
+format, for comparing runs with ``--benchmark-compare``.
 """
 from __future__ import annotations
 
@@ -21,18 +23,9 @@ import os
 import pytest
 import torch
 
-from .providers import (
-    LOSSES,
-    MODES,
-    PROVIDERS,
-    Problem,
-    build,
-    check,
-    make_inputs,
-    provider_unavailable_reason,
-    reference_values,
-)
-from .run import _leaves, _mode_callables
+from .inputs import LOSSES, MODES, Problem, logit_problem, make_inputs
+from .providers import PROVIDERS, build, check, reference_values, unavailable_reason
+from .sweep import leaves, mode_callables
 
 pytest.importorskip("pytest_benchmark")
 
@@ -52,11 +45,11 @@ def _problem_data(loss):
     """Inputs and float64 reference of ``loss``, made once per session."""
     if loss not in _problems:
         if loss == "srw":
-            problem = Problem("srw", SRW_N, None, None, DTYPE, D=512)
+            problem = Problem("srw", SRW_N, None, None, DTYPE, D=256)
         else:
-            problem = Problem(loss, N, V, 3 if loss == "ltkd" else None, DTYPE)
+            problem = logit_problem(loss, N, V, DTYPE)
         inputs = make_inputs(problem, DEVICE)
-        _problems[loss] = (problem, inputs, reference_values(problem, inputs), _leaves(problem, inputs))
+        _problems[loss] = (problem, inputs, reference_values(problem, inputs), leaves(problem, inputs))
     return _problems[loss]
 
 
@@ -66,10 +59,10 @@ def _problem_data(loss):
 def test_bench(benchmark, loss, provider, mode):
     if loss == "srw" and mode != "forward":
         pytest.skip("SRW weights carry no gradient: forward only")
-    reason = provider_unavailable_reason(provider, loss, DEVICE)
+    problem, inputs, reference, set_leaves = _problem_data(loss)
+    reason = unavailable_reason(provider, problem, DEVICE)
     if reason is not None:
         pytest.skip(reason)
-    problem, inputs, reference, leaves = _problem_data(loss)
     key = (loss, provider)
     if key not in _built:
         built = build(provider, problem, inputs.extras, DEVICE)
@@ -78,7 +71,7 @@ def test_bench(benchmark, loss, provider, mode):
     built, ok, loss_err, grad_err, seconds = _built[key]
     assert ok, (f"{provider} disagrees with the float64 reference on {problem.label()}: "
                 f"loss rel err {loss_err:.2e}, grad rel err {grad_err}")
-    setup, region = _mode_callables(built.fn, problem, inputs, leaves, mode)
+    setup, region = mode_callables(built.fn, problem, inputs, set_leaves, mode)
     counter = itertools.count()
 
     def pedantic_setup():

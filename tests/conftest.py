@@ -1,16 +1,19 @@
 """Test configuration, the shared case tables and the tolerance rule.
 
-TRITON_INTERPRET must be set before the kernels are first imported (triton.jit reads it then):
-Triton kernels run on the CPU through the interpreter.
+Without a GPU, Triton kernels run on the CPU through the interpreter: TRITON_INTERPRET must be
+set before the kernels are first imported (triton.jit reads it then). With a GPU it is left
+alone, so that tests/test_gpu.py runs the compiled kernels.
 """
 import os
 import zlib
 from typing import NamedTuple, Optional
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # Fuzzing profiles (tests/test_fuzz.py): "ci", the default, fixed and small; "long" for 10^4

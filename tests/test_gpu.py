@@ -1,66 +1,175 @@
-"""GPU-only cases: compiled Triton kernels on CUDA at realistic sizes. Skipped without CUDA.
+"""GPU-only cases: the compiled Triton kernels on CUDA at realistic sizes. Skipped without CUDA.
 
-Not run in CI (no GPU there); run them on a GPU machine with ``python -m pytest tests/test_gpu.py``.
+Not run in CI (no GPU there). On a GPU machine::
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_gpu.py
+
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` unless it is set: these cases need the
+compiled kernels and skip, saying so, under the interpreter), or ``python -m
+benchmarks.gpu_check OUT_DIR``, which runs them and the GPU benchmarks in one go.
+
+What they check, for every loss (KD, LTKD, DKD, BKD):
+
+- agreement with the reference (``backend="torch"``) at V up to 256000, float32 and bfloat16,
+  and with a top-k teacher;
+- N x V > 2^31 elements (int64 offsets): the last rows' losses and gradients;
+- no host synchronisation in a forward + backward (``torch.cuda.set_sync_debug_mode("error")``),
+  plain and with mask, sample weights and ``num_items_in_batch``;
+- CUDA-graph capture and replay of a forward + backward step, on new inputs;
+- determinism: two runs on the same inputs give bit-identical losses and gradients.
 """
+import os
+
 import pytest
 import torch
 
 import ltkd_kernels as lk
 
+LOSSES = ("kd", "ltkd", "dkd", "bkd")
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(_INTERPRETED, reason="TRITON_INTERPRET is set (tests/conftest.py sets it "
+                       "by default): these cases need the compiled Triton kernels; run "
+                       "TRITON_INTERPRET=0 python -m pytest tests/test_gpu.py"),
 ]
 
 
 def _rel(a, b):
-    return (torch.linalg.vector_norm((a.double() - b.double()).flatten())
-            / torch.linalg.vector_norm(b.double().flatten())).item()
+    """``||a - b|| / ||b||`` (``||a - b||`` where ``b`` is 0, e.g. every loss at V = 1)."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    norm = torch.linalg.vector_norm(b).item()
+    difference = torch.linalg.vector_norm(a - b).item()
+    return difference / norm if norm > 0 else difference
+
+
+def _constants(vocab, rows, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return dict(groups=torch.randint(0, 3, (vocab,), device="cuda", generator=g),
+                target=torch.randint(0, vocab, (rows,), device="cuda", generator=g),
+                weight=torch.rand(vocab, device="cuda", generator=g) + 0.05)
+
+
+def _call(loss, c, **options):
+    """``f(student, teacher, backend) -> loss`` of one loss with the constants ``c``."""
+    calls = {
+        "kd": lambda x, t, b: lk.kd_loss(x, t, temperature=2.0, backend=b, **options),
+        "ltkd": lambda x, t, b: lk.ltkd_loss(x, t, c["groups"], 3, temperature=4.0, backend=b,
+                                             **options),
+        "dkd": lambda x, t, b: lk.dkd_loss(x, t, c["target"], backend=b, **options),
+        "bkd": lambda x, t, b: lk.bkd_loss(x, t, c["weight"], target=c["target"], ce_weight=1.0,
+                                           backend=b, **options),
+    }
+    return calls[loss]
+
+
+def _logits(rows, vocab, dtype, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    t = torch.randn(rows, vocab, device="cuda", generator=g) * 3
+    s = 0.7 * t + 2 * torch.randn(rows, vocab, device="cuda", generator=g)
+    return s.to(dtype), t.to(dtype)
+
+
+def _step(fn, s, t, backend):
+    x = s.detach().clone().requires_grad_()
+    value = fn(x, t, backend)
+    value.backward()
+    return value.detach(), x.grad
+
+
+def _double(teacher):
+    if isinstance(teacher, torch.Tensor):
+        return teacher.double()
+    return teacher._replace(logprobs=teacher.logprobs.double())
+
+
+def _reference_step(fn, s, t):
+    """The reference's loss and gradient in float64 on the same (rounded) inputs."""
+    return _step(fn, s.double(), _double(t), "torch")
 
 
 @pytest.mark.parametrize("vocab", [1, 1031, 32000, 128256, 256000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loss", ["kd", "ltkd", "dkd", "bkd"])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_triton_cuda_matches_reference(loss, dtype, vocab):
-    n = 64
-    s = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
-    t = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
-    groups = torch.randint(0, 3, (vocab,), device="cuda")
-    target = torch.randint(vocab, (n,), device="cuda")
-    weight = torch.rand(vocab, device="cuda") + 0.05
-    calls = {
-        "kd": lambda x, b: lk.kd_loss(x, t, temperature=2.0, backend=b),
-        "ltkd": lambda x, b: lk.ltkd_loss(x, t, groups, 3, temperature=4.0, backend=b),
-        "dkd": lambda x, b: lk.dkd_loss(x, t, target, backend=b),
-        "bkd": lambda x, b: lk.bkd_loss(x, t, weight, target=target, backend=b),
-    }
-    out = {}
-    for backend in ("torch", "triton"):
-        x = s.clone().requires_grad_()
-        value = calls[loss](x, backend)
-        value.backward()
-        out[backend] = (value, x.grad)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert _rel(out["triton"][0], out["torch"][0]) <= 1e-5
-    assert _rel(out["triton"][1], out["torch"][1]) <= tol
+    rows = 64
+    s, t = _logits(rows, vocab, dtype)
+    fn = _call(loss, _constants(vocab, rows))
+    value, grad = _step(fn, s, t, "triton")
+    expected_value, expected_grad = _reference_step(fn, s, t)
+    assert _rel(value, expected_value) <= 1e-5
+    assert _rel(grad, expected_grad) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_int64_offsets_past_2_pow_31_elements():
-    """N x V > 2^31 elements: row offsets must be int64 (bf16 keeps this at ~9 GB)."""
-    n, vocab = 16800, 128256  # 2.15e9 elements
+@pytest.mark.parametrize("rest", ["renormalize", "restrict"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_topk_teacher_matches_reference(loss, rest):
+    rows, vocab = 64, 128256
+    s, t = _logits(rows, vocab, torch.bfloat16)
+    teacher = lk.topk_teacher(t, 64, rest=rest)
+    fn = _call(loss, _constants(vocab, rows))
+    value, grad = _step(fn, s, teacher, "triton")
+    expected_value, expected_grad = _reference_step(fn, s, teacher)
+    assert _rel(value, expected_value) <= 1e-5
+    assert _rel(grad, expected_grad) <= 1e-2
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_int64_offsets_past_2_pow_31_elements(loss):
+    """N x V > 2^31 elements: row offsets must be int64 (bf16 keeps this near 13 GB). The last
+    rows' losses and gradients against the reference on those rows alone (LTKD without the
+    batch rebalancing, so that a row's loss depends on that row only)."""
+    rows, vocab = 16800, 128256  # 2.15e9 elements
     free, _ = torch.cuda.mem_get_info()
-    if free < 3 * n * vocab * 2 + (1 << 30):
+    if free < 4 * rows * vocab * 2 + (2 << 30):
         pytest.skip("not enough GPU memory for a 2^31-element case")
-    s = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16)
-    t = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16)
-    rows = lk.kd_loss(s, t, reduction="none", backend="triton")
-    last = slice(n - 2, n)
-    expected = lk.kd_loss(s[last], t[last], reduction="none", backend="torch")
-    torch.testing.assert_close(rows[last], expected, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    s = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    t = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    options = dict(reduction="none", rebalance=False) if loss == "ltkd" else dict(reduction="none")
+    c = _constants(vocab, rows)
+    x = s.requires_grad_()
+    out = _call(loss, c, **options)(x, t, "triton")
+    out.sum().backward()
+    last = slice(rows - 2, rows)
+    y = s[last].detach().double().requires_grad_()
+    expected = _call(loss, dict(c, target=c["target"][last]), **options)(y, t[last].double(), "torch")
+    expected.sum().backward()
+    torch.testing.assert_close(out[last].detach().double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    assert _rel(x.grad[last], y.grad) <= 1e-2
 
 
-def test_no_host_sync_in_ltkd_forward_backward():
-    """With the groups already checked (as a module's buffer is), the loss never syncs."""
+def _with_options(rows):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    return dict(mask=torch.rand(rows, device="cuda", generator=g) > 0.2,
+                sample_weight=torch.rand(rows, device="cuda", generator=g),
+                num_items_in_batch=torch.tensor(float(rows), device="cuda"))
+
+
+@pytest.mark.parametrize("options", ["plain", "mask_weight_items"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_no_host_sync_forward_backward(loss, options):
+    """After one warm-up call (constants are value-checked once per tensor), a forward +
+    backward never synchronises with the host."""
+    rows, vocab = 256, 32000
+    s, t = _logits(rows, vocab, torch.bfloat16)
+    fn = _call(loss, _constants(vocab, rows), **(_with_options(rows) if options != "plain" else {}))
+    _step(fn, s, t, "triton")
+    x = s.detach().clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(x, t, "triton").backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad.float()).all()
+
+
+def test_no_host_sync_in_ltkd_module():
+    """The module (its groups a checked buffer) never syncs after its first call."""
     s = torch.randn(256, 32000, device="cuda", requires_grad=True)
     t = torch.randn(256, 32000, device="cuda")
     criterion = lk.LTKDLoss(torch.randint(0, 3, (32000,)), num_groups=3).cuda()
@@ -71,3 +180,55 @@ def test_no_host_sync_in_ltkd_forward_backward():
         criterion(s, t).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cuda_graph_capture_and_replay(loss):
+    """A forward + backward step captured in a CUDA graph, replayed on new inputs copied into
+    the static tensors, gives the loss and gradient of an uncaptured call."""
+    rows, vocab = 128, 32000
+    fn = _call(loss, _constants(vocab, rows))
+    s0, t0 = _logits(rows, vocab, torch.bfloat16, seed=1)
+    x = s0.detach().clone().requires_grad_()
+    static_t = t0.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile the kernels, check the constants
+        for _ in range(3):
+            x.grad = None
+            fn(x, static_t, "triton").backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = fn(x, static_t, "triton")
+        static_loss.backward()
+    s1, t1 = _logits(rows, vocab, torch.bfloat16, seed=2)
+    with torch.no_grad():
+        x.copy_(s1)
+        static_t.copy_(t1)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected_value, expected_grad = _step(fn, s1, t1, "triton")
+    assert torch.equal(static_loss, expected_value)
+    assert torch.equal(x.grad, expected_grad)
+
+
+@pytest.mark.parametrize("shape", [(512, 128256), (8, 256000)])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_deterministic_reruns(loss, shape):
+    """The same inputs give bit-identical losses and gradients (no atomics in any sum)."""
+    rows, vocab = shape
+    s, t = _logits(rows, vocab, torch.bfloat16)
+    fn = _call(loss, _constants(vocab, rows))
+    first = _step(fn, s, t, "triton")
+    second = _step(fn, s, t, "triton")
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1], second[1])
+
+
+def test_srw_weights_match_reference():
+    features = torch.randn(100_000, 256, device="cuda") + 0.3
+    weights = lk.srw_weights(features, backend="triton")
+    expected = lk.srw_weights(features.double(), backend="torch")
+    assert _rel(weights, expected) <= 1e-5
