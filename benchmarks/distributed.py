@@ -2,6 +2,7 @@
 
     python -m benchmarks.distributed                       # N=64, V in {32000, 128256}, kd/ltkd/dkd
     python -m benchmarks.distributed --N 256 --V 151936 --losses ltkd --world 2 --reps 10
+    python -m benchmarks.distributed --modes vocab,single        # without the slow gather baseline
     python -m benchmarks.distributed --json out.json
 
 For each problem (loss, N, V) the vocabulary is split over ``--world`` processes in rank order
@@ -137,7 +138,7 @@ def _time(fn, reps: int, warmup: int = 2) -> List[float]:
     return times
 
 
-def _worker(rank, world, init_file, out_file, problems, backend, reps, threads):
+def _worker(rank, world, init_file, out_file, problems, backend, reps, threads, modes):
     import torch.distributed as dist
 
     from ltkd_kernels.ops.distributed import communication_bytes
@@ -154,6 +155,9 @@ def _worker(rank, world, init_file, out_file, problems, backend, reps, threads):
         s_local, t_local = student[:, lo:hi].contiguous(), teacher[:, lo:hi].contiguous()
         row = dict(loss=loss, N=rows, V=vocab, world=world, V_local=hi - lo, backend=backend)
         for mode, name in (("vocab", backend), ("gather", "torch")):
+            if mode not in modes:
+                continue
+
             def step(name=name):
                 return _step(loss, s_local, t_local, extra, lo, hi, vocab_process_group=group,
                              backend=name)
@@ -168,9 +172,10 @@ def _worker(rank, world, init_file, out_file, problems, backend, reps, threads):
         row["predicted_bytes"] = communication_bytes(
             rows, G, world, with_target=loss == "dkd")["total"]
         row["logits_bytes_local"] = 2 * rows * (hi - lo) * 4
-        row["vocab_bytes_over_logits"] = row["vocab_bytes"] / row["logits_bytes_local"]
+        if "vocab_bytes" in row:
+            row["vocab_bytes_over_logits"] = row["vocab_bytes"] / row["logits_bytes_local"]
         dist.barrier()
-        if rank == 0:
+        if rank == 0 and "single" in modes:
             times = _time(lambda: _step(loss, student, teacher, extra, 0, vocab, backend=backend),
                           reps)
             row["single_ms"] = 1e3 * statistics.median(times)
@@ -181,30 +186,37 @@ def _worker(rank, world, init_file, out_file, problems, backend, reps, threads):
     dist.destroy_process_group()
 
 
+MODES = ("vocab", "gather", "single")
+
+
 def run(problems: Sequence[tuple], *, world: int = 2, backend: str = "auto", reps: int = 5,
-        threads: int = 1) -> List[Dict]:
-    """Spawn ``world`` gloo processes and measure every ``(loss, N, V)`` of ``problems``;
-    returns one dict per problem (the fields of the module docstring)."""
+        threads: int = 1, modes: Sequence[str] = MODES) -> List[Dict]:
+    """Spawn ``world`` gloo processes and measure every ``(loss, N, V)`` of ``problems`` in
+    each of ``modes`` (``"vocab"``, ``"gather"``, ``"single"``); returns one dict per problem
+    (the fields of the module docstring; a mode left out leaves its fields out)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as directory:
         out_file = os.path.join(directory, "rows.pt")
         mp.spawn(_worker, args=(world, os.path.join(directory, "init"), out_file, list(problems),
-                                backend, reps, threads), nprocs=world, join=True)
+                                backend, reps, threads, tuple(modes)), nprocs=world, join=True)
         return torch.load(out_file)
 
 
-def _format(rows: List[Dict]) -> str:
-    head = ("| loss | N | V | V_local | vocab: bytes/step | predicted | bytes / local logits | "
-            "gather: bytes/step | vocab ms | gather ms | single ms |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+def format_table(rows: List[Dict]) -> str:
+    columns = [("loss", "loss", "{}"), ("N", "N", "{}"), ("V", "V", "{}"),
+               ("V_local", "V_local", "{}"), ("vocab: bytes/step", "vocab_bytes", "{:,}"),
+               ("collectives", "vocab_collectives", "{}"), ("predicted", "predicted_bytes", "{:,}"),
+               ("bytes / local logits", "vocab_bytes_over_logits", "{:.2e}"),
+               ("gather: bytes/step", "gather_bytes", "{:,}"),
+               ("collectives", "gather_collectives", "{}"), ("vocab ms", "vocab_ms", "{:.2f}"),
+               ("gather ms", "gather_ms", "{:.2f}"), ("single ms", "single_ms", "{:.2f}")]
+    columns = [c for c in columns if any(c[1] in r for r in rows)]
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append(
-            f"| {r['loss']} | {r['N']} | {r['V']} | {r['V_local']} | {r['vocab_bytes']:,} "
-            f"({r['vocab_collectives']} coll.) | {r['predicted_bytes']:,} | "
-            f"{r['vocab_bytes_over_logits']:.2e} | {r['gather_bytes']:,} "
-            f"({r['gather_collectives']} coll.) | {r['vocab_ms']:.2f} | {r['gather_ms']:.2f} | "
-            f"{r['single_ms']:.2f} |")
+        cells = [fmt.format(r[key]) if key in r else "" for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -214,9 +226,12 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument("--V", default="32000,128256", help="vocabulary sizes, comma-separated")
     parser.add_argument("--losses", default="kd,ltkd,dkd", help=f"some of {','.join(LOSSES)}")
     parser.add_argument("--world", type=int, default=2, help="processes (gloo, CPU)")
-    parser.add_argument("--backend", default="auto", help="the kernels' backend (auto, cpu, triton)")
+    parser.add_argument("--backend", default="auto",
+                        help="the kernels' backend (auto, cpu, triton)")
     parser.add_argument("--reps", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="some of vocab,gather,single (gather: the reference, slow)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     losses = [name for name in args.losses.split(",") if name]
@@ -225,9 +240,12 @@ def main(argv=None) -> List[Dict]:
         parser.error(f"unknown losses {sorted(unknown)}; choose from {LOSSES}")
     problems = [(loss, int(n), int(v)) for loss in losses for n in args.N.split(",")
                 for v in args.V.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(set(modes) - set(MODES))}; choose from {MODES}")
     rows = run(problems, world=args.world, backend=args.backend, reps=args.reps,
-               threads=args.threads)
-    print(_format(rows))
+               threads=args.threads, modes=modes)
+    print(format_table(rows))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)

@@ -10,6 +10,7 @@ from .functional import bkd_loss, dkd_loss, group_logsumexp, kd_loss, ltkd_loss
 from .groups import class_balanced_weights, groups_from_counts
 from .modules import BKDLoss, DKDLoss, KDLoss, LTKDLoss
 from .srw import SRWeighting, srw_weights
+from .ops.distributed import set_vocab_layout
 from .topk import TopKTeacher, topk_teacher
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "BKDLoss",
     "srw_weights",
     "SRWeighting",
+    "set_vocab_layout",
     "TopKTeacher",
     "topk_teacher",
     "reference",

@@ -232,6 +232,10 @@ def parse_loss_arguments(loss: str, student_logits, teacher_logits, *, groups=No
     check_row_tensor("mask", mask, leading, device, boolean=True)
     num_items, num_items_tensor = check_num_items(num_items_in_batch, device)
     if loss == "ltkd":
+        if vocab_process_group is not None and num_groups is None:
+            # Each rank sees its own slice of groups: G inferred from it could differ by rank.
+            raise ValueError("num_groups must be given with vocab_process_group (a rank's slice "
+                             "of groups need not hold the largest group id)")
         num_groups = check_groups(groups, vocab, num_groups, device, always=use_reference)
         group_rule = GROUP_CLASS
     elif loss == "dkd":

@@ -110,7 +110,9 @@ def _rebalanced_log_q(log_mass_teacher: Tensor, valid: Tensor, process_group) ->
 
         world = dist.get_world_size(process_group)
         everyone = partial.new_empty((world * partial.numel(),))
-        dist.all_gather_into_tensor(everyone, partial, group=process_group)
+        from .ops.distributed import _all_gather_single
+
+        _all_gather_single(everyone, partial, process_group)
         everyone = everyone.reshape(world, -1)
         top = everyone[:, :G].amax(0)
         total = (everyone[:, G:2 * G] * torch.exp(everyone[:, :G] - top)).sum(0)
