@@ -293,15 +293,16 @@ def _bucket_state(b: Tensor, b_entry: Tensor, lp: Tensor, valid_entry: Tensor, i
     classes (no rest bucket for either model)."""
     wide = torch.float64
     top = _group_state(b_entry, lp, torch.zeros_like(b_entry, dtype=torch.long), 1)
-    m_all = b.amax(-1, keepdim=True)
-    reference_all = ref(m_all)
-    # The classes off the entries, summed directly: a confident student's rest mass (e^-40 of
-    # the row, say) is below any precision's resolution of 1 - top.
+    # The classes off the entries form the rest group, with its own max like any group: a
+    # confident student's rest mass (e^-40, e^-200 of the row) is beyond the resolution of
+    # 1 - top in any float format, and beyond float32's range relative to the row's max.
     rows = b.shape[0]
     off_entries = torch.ones(rows, vocab + 1, dtype=torch.bool, device=b.device)
     column = torch.where(valid_entry, indices, torch.full_like(indices, vocab))
     off_entries = off_entries.scatter(1, column, False)[:, :vocab]
-    terms = torch.where(off_entries, torch.exp(b - reference_all), torch.zeros_like(b))
+    b_rest = torch.where(off_entries, b, torch.full_like(b, NEG_INF))
+    m_rest = b_rest.amax(-1, keepdim=True)
+    terms = torch.where(off_entries, torch.exp(b_rest - ref(m_rest)), torch.zeros_like(b))
     s_rest = terms.to(wide).sum(-1, keepdim=True)
     lp_max = lp.amax(-1, keepdim=True)
     others = torch.exp((lp - ref(lp_max)).to(wide)).sum(-1, keepdim=True) - 1.0
@@ -310,9 +311,10 @@ def _bucket_state(b: Tensor, b_entry: Tensor, lp: Tensor, valid_entry: Tensor, i
     log_rest_teacher = torch.where(no_rest, torch.full_like(log_top_teacher, NEG_INF),
                                    _log1mexp(log_top_teacher))
     s_rest = torch.where(no_rest, torch.zeros_like(s_rest), s_rest)
+    m_rest = torch.where(no_rest, torch.full_like(m_rest, NEG_INF), m_rest)
     dtype = b.dtype
-    rest = (m_all, s_rest.to(dtype), log_rest_teacher.to(dtype), no_rest.to(dtype),
-            torch.zeros_like(m_all))
+    rest = (m_rest, s_rest.to(dtype), log_rest_teacher.to(dtype), no_rest.to(dtype),
+            torch.zeros_like(m_rest))
     return torch.stack([torch.cat([x, y], 1) for x, y in zip(top, rest)], 1)
 
 
@@ -492,22 +494,26 @@ def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tens
         return torch.where(x == NEG_INF, torch.zeros_like(x), torch.exp(shifted))
 
     if cfg.topk_rule == TOPK_BUCKET:
-        # d row / d b_i = P p^S_i - p^T_i at the entries and (P - r^T / r^S) p^S_i off them,
-        # P = P^T_top + r^T (1 unless rounding put the top above 1). 1 - r^T / r^S as an expm1:
-        # exact where the two rest masses agree.
-        # p^S_i = pt^S_i (within the top, its own max) times P^S_top, for every class.
-        log_all = (ref(m_s[:, :1]) + torch.log(s_s[:, :1])) - log_p_student[:, :1]
-        p_student = torch.where(b == NEG_INF, torch.zeros_like(b), torch.exp(b - log_all))
-        # P - 1: with a rest bucket, max(0, P^T_top - 1), exactly 0 unless the rounded log-probs
-        # put the top above 1; without one (r^T = 0), P^T_top - 1.
+        # At the entries: u (P p^S_i - p^T_i). Off them: u (P r^S - r^T) pt^rest_i, with
+        # pt^rest the student's distribution within the rest group (never r^T / r^S, which
+        # overflows when r^S is tiny). P = P^T_top + r^T: 1 + max(0, P^T_top - 1) with a rest
+        # bucket (exactly 1 unless rounded log-probs put the top above 1), P^T_top without one.
         has_rest = log_p_teacher[:, 1] != NEG_INF
         excess = torch.expm1(log_p_teacher[:, 0])
         excess = torch.where(has_rest, excess.clamp_min(0.0), excess)
         total = 1.0 + excess
-        ratio_term = torch.where(has_rest, -torch.expm1(log_p_teacher[:, 1] - log_p_student[:, 1]),
-                                 torch.ones_like(total))
-        off_top = excess + ratio_term
-        out = off_top.unsqueeze(-1) * p_student
+        log_r_t, log_r_s = log_p_teacher[:, 1], log_p_student[:, 1]
+        # r^S - r^T, from the larger of the two without cancellation or overflow
+        rest_gap = torch.where(log_r_s >= log_r_t,
+                               -torch.exp(log_r_s) * torch.expm1(log_r_t - log_r_s),
+                               torch.exp(log_r_t) * torch.expm1(log_r_s - log_r_t))
+        rest_gap = torch.where(has_rest | (log_r_s != NEG_INF), rest_gap, torch.zeros_like(rest_gap))
+        coef_rest = torch.exp(log_r_s) * excess + rest_gap
+        pt_rest = within_probability(b, m_s[:, 1:], s_s[:, 1:], torch.zeros_like(ids))
+        out = coef_rest.unsqueeze(-1) * pt_rest
+        # p^S_i = pt^S_i (within the top, its own max) times P^S_top, for every class.
+        log_all = (ref(m_s[:, :1]) + torch.log(s_s[:, :1])) - log_p_student[:, :1]
+        p_student = torch.where(b == NEG_INF, torch.zeros_like(b), torch.exp(b - log_all))
         valid_entry, idx, lp, _ = _topk_entries(topk_indices, topk_logprobs, vocab, dtype)
         at_entries = (total.unsqueeze(-1) * p_student.gather(1, idx)
                       - torch.where(valid_entry, torch.exp(lp), torch.zeros_like(lp)))
