@@ -258,11 +258,20 @@ def log_group_mass(m: Tensor, s: Tensor) -> Tensor:
     return shift + torch.log(s) - torch.log(weighted.sum(-1, keepdim=True))
 
 
+def log_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``log(numerator / denominator)`` of two positive sums: ``log1p`` of their relative
+    difference when they are close (the within-group KL of near-identical distributions is a
+    small difference of these logarithms), the difference of logarithms otherwise."""
+    close = (numerator >= 0.5 * denominator) & (numerator <= 2.0 * denominator)
+    near = torch.log1p((numerator - denominator) / denominator)
+    return torch.where(close, near, torch.log(numerator) - torch.log(denominator))
+
+
 def within_kl(state: Tensor) -> Tensor:
     """``KL(pt^T_k || pt^S_k)`` per group: 0 for a massless teacher group, ``+inf`` where the
     student group has no mass but the teacher's has."""
     _, s_s, _, s_t, g = state.unbind(1)
-    inner = g / s_t + torch.log(s_s) - torch.log(s_t)
+    inner = g / s_t + log_ratio(s_s, s_t)
     inner = torch.where((s_s == 0) & (s_t > 0), torch.full_like(inner, float("inf")), inner)
     return torch.where(s_t == 0, torch.zeros_like(inner), inner)
 
