@@ -31,6 +31,7 @@ from typing import Dict, List
 import torch
 
 import ltkd_kernels as lk
+from ltkd_kernels import cpu as ltkd_cpu
 
 from . import cases as registry
 from . import measure
@@ -213,7 +214,9 @@ def print_case(case, rows, metadata, written, out_dir) -> None:
 
 def _run_info(args, argv, device) -> Dict:
     build_start = time.perf_counter()
-    cpu_reason = lk.unavailable_reason("cpu") if device.type == "cpu" else "CUDA run"
+    # Load (or compile) the C++ backend now, outside the timed cases: status queries such as
+    # lk.unavailable_reason never build it.
+    cpu_reason = ltkd_cpu.load() if device.type == "cpu" else "CUDA run"
     first_use_s = time.perf_counter() - build_start
     command = "python -m benchmarks.run " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

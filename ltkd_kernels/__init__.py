@@ -8,6 +8,10 @@ from . import reference
 from .backends import available_backends, unavailable_reason
 from .functional import bkd_loss, dkd_loss, group_logsumexp, kd_loss, ltkd_loss
 from .groups import class_balanced_weights, groups_from_counts
+from .linear import (fused_linear_bkd_loss, fused_linear_dkd_loss, fused_linear_kd_loss,
+                     fused_linear_ltkd_loss)
+from .linear_modules import (FusedLinearBKDLoss, FusedLinearDKDLoss, FusedLinearKDLoss,
+                             FusedLinearLTKDLoss)
 from .modules import BKDLoss, DKDLoss, KDLoss, LTKDLoss
 from .srw import SRWeighting, srw_weights
 from .ops.distributed import set_vocab_layout
@@ -29,6 +33,14 @@ __all__ = [
     "LTKDLoss",
     "DKDLoss",
     "BKDLoss",
+    "fused_linear_kd_loss",
+    "fused_linear_ltkd_loss",
+    "fused_linear_dkd_loss",
+    "fused_linear_bkd_loss",
+    "FusedLinearKDLoss",
+    "FusedLinearLTKDLoss",
+    "FusedLinearDKDLoss",
+    "FusedLinearBKDLoss",
     "srw_weights",
     "SRWeighting",
     "set_vocab_layout",

@@ -1,4 +1,8 @@
-"""Command line: ``python -m ltkd_kernels demo`` (also installed as ``ltkd-kernels demo``).
+"""Command line: ``python -m ltkd_kernels COMMAND`` (also installed as ``ltkd-kernels``).
+
+``info`` prints the backends' status (cheap: compiles nothing). ``build-cpu`` compiles the C++
+CPU backend now, or finds the installed or cached module (``--force``: compile afresh), and
+says where it is; exit status 1 when it cannot be built.
 
 ``demo`` runs the end-to-end long-tailed distillation demo of :mod:`ltkd_kernels.demo` on
 the CPU: a teacher and one student per method (CE, KD, DKD, BKD, LTKD, LTKD+SRW), then a
@@ -110,12 +114,72 @@ def _run_demo(args: argparse.Namespace, argv: List[str], parser: argparse.Argume
     return 0
 
 
+def _run_info(args: argparse.Namespace, argv: List[str]) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__, cpu
+    from .backends import unavailable_reason
+
+    cuda = "available" if torch.cuda.is_available() else "not available"
+    print(f"ltkd_kernels {__version__}; torch {torch.__version__}; Python "
+          f"{platform.python_version()}; CUDA {cuda}")
+    print("torch:  available (the pure-PyTorch reference)")
+    print(f"cpu:    {cpu.status()}")
+    triton = unavailable_reason("triton")
+    print(f"triton: {'available' if triton is None else 'unavailable: ' + triton}")
+    return 0
+
+
+def _run_build_cpu(args: argparse.Namespace, argv: List[str]) -> int:
+    import logging
+    import time
+
+    from . import cpu
+    from .cpu import build_config
+
+    # The build's announcements (warnings on the ltkd_kernels.cpu logger) go to stderr.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    started = time.perf_counter()
+    reason = cpu.load(force=args.force)
+    seconds = time.perf_counter() - started
+    if reason is not None:
+        print(f"the C++ CPU backend cannot be built: {reason}", file=sys.stderr)
+        return 1
+    info = cpu.load_info()
+    origin = {"installed": "the module built at install time",
+              "cache": "the first-use build cache"}[info["origin"]]
+    action = "compiled" if info["compiled"] else "found"
+    print(f"{action} the C++ CPU backend in {seconds:.1f} s: {info['path']}")
+    print(f"from: {origin}; SIMD level: {info['simd']} (this CPU: "
+          f"{build_config.cpu_simd_level()})")
+    print(f"build: {cpu.extension().build_info()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ltkd_kernels",
         description="ltkd_kernels: fused kernels for long-tailed knowledge-distillation losses.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo_parser(subparsers)
+    p = subparsers.add_parser(
+        "info", help="which backends can run here (compiles nothing)",
+        description="Print the versions and each backend's status: the C++ CPU backend as "
+                    "loaded, built (installed or cached), buildable (compiled on first use) "
+                    "or unavailable, with the reason.")
+    p.set_defaults(handler=_run_info)
+    p = subparsers.add_parser(
+        "build-cpu", help="compile the C++ CPU backend now (or find it) and say where it is",
+        description="Load the C++ CPU backend as a kernel call would: the module built at "
+                    "install time if it matches this torch, CPU and sources, else the "
+                    "first-use build cache, compiling it there if needed (about a minute). "
+                    "Prints where it is, where it came from, its SIMD level and the seconds "
+                    "taken. Exit status 1 when it cannot be built.")
+    p.add_argument("--force", action="store_true",
+                   help="ignore the installed module and the cache: compile afresh")
+    p.set_defaults(handler=_run_build_cpu)
     return parser
 
 

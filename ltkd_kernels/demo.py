@@ -592,7 +592,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             config=cfg, counts=data.counts, group_names=group_names,
             group_classes=[int((groups == k).sum()) for k in range(cfg.groups)],
             group_train_counts=[int(counts[groups == k].sum()) for k in range(cfg.groups)],
-            teacher={}, backend=resolve_backend(cfg.backend, torch.device("cpu")))
+            teacher={}, backend=resolve_backend(cfg.backend, torch.device("cpu"), build=True))
         teacher = train_teacher(data, cfg)
         result.teacher = evaluate(teacher, data, groups, group_names)
         if cfg.progress:

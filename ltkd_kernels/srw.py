@@ -90,7 +90,7 @@ def srw_weights(features, *, tau=1.0, mask=None, eps=1e-8, backend="auto"):
     if backend == "auto" and features.dtype == torch.float64:
         resolved = "torch"  # the kernels compute in float32; float64 stays exact
     else:
-        resolved = resolve_backend(backend, features.device)
+        resolved = resolve_backend(backend, features.device, build=True)
     if resolved == "torch":
         return reference.srw_weights(features, tau=tau, mask=mask, eps=eps)
     if features.dtype == torch.float64:

@@ -196,10 +196,13 @@ def backend(request, monkeypatch):
     return name
 
 
-def with_backends(names=None):
+def with_backends(names=None, slow=()):
     """``@with_backends()``: parametrize a test's ``backend`` fixture over LOSS_BACKENDS (or
-    the given names)."""
+    the given names); the backends in ``slow`` are marked ``slow`` (run by ``pytest -m slow``,
+    as CI does, not by the default ``pytest``)."""
     params = LOSS_BACKENDS if names is None else [p for p in LOSS_BACKENDS if p.values[0] in names]
+    params = [pytest.param(*p.values, marks=(*p.marks, pytest.mark.slow), id=p.id)
+              if p.values[0] in slow else p for p in params]
     return pytest.mark.parametrize("backend", params, indirect=True)
 
 

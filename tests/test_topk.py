@@ -217,6 +217,8 @@ def test_no_dense_teacher_is_built(backend):
     class Allocations(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            if func.is_view:  # a view of the caller's tensor allocates nothing
+                return out
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor):
                     sizes.append(t.numel())

@@ -75,18 +75,16 @@ def _cpu_module():
 def kernel_module(backend: str, device: torch.device):
     """The module whose ``states``, ``finish``, ``grad`` and ``loss_forward`` run ``backend`` on
     ``device``. Raises ``RuntimeError`` (saying why) for a named backend that cannot run."""
-    from ..backends import unavailable_reason
+    from ..backends import resolve_backend
 
-    if backend == "auto":
-        if device.type == "cuda" and unavailable_reason("triton", device) is None:
-            return _triton_module()
-        if device.type == "cpu" and unavailable_reason("cpu", device) is None:
-            return _cpu_module()
-        return grouped_kl_torch
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
-    return _triton_module() if backend == "triton" else _cpu_module()
+    # build=True: a kernel runs next, so a C++ backend that is only buildable is compiled now;
+    # "auto" falls back to the plain-torch operators if that fails.
+    resolved = resolve_backend(backend, device, build=True)
+    if resolved == "triton":
+        return _triton_module()
+    if resolved == "cpu":
+        return _cpu_module()
+    return grouped_kl_torch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,15 @@ from typing import Iterator, Optional
 
 _active: Optional[Counter] = None
 
+# A profiler scope around a Triton launch under the interpreter: the interpreter copies the
+# arguments to and from numpy with ATen ops that are no GPU launch, so they are not counted.
+INTERPRETER_SCOPE = "ltkd_kernels::triton_interpreter"
+
+
+def active() -> bool:
+    """Whether a :func:`counting` block is open."""
+    return _active is not None
+
 
 def record(name: str) -> None:
     """Count one launch of the kernel ``name`` (``"triton:grouped_kl_states"``, ...)."""
@@ -44,6 +53,15 @@ NON_COMPUTE_OPS = frozenset({
 })
 
 
+def _inside_interpreter(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == INTERPRETER_SCOPE:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def count_launches(fn):
     """Run ``fn()`` and count what it launches: ``(total, details)`` where ``total`` is the
     number of leaf ATen ops that compute (fills and copies included; allocations, views and
@@ -61,7 +79,7 @@ def count_launches(fn):
             continue
         if any(child.name.startswith("aten::") for child in event.cpu_children):
             continue  # a composite: its leaves are counted
-        if name in NON_COMPUTE_OPS:
+        if name in NON_COMPUTE_OPS or _inside_interpreter(event):
             continue
         details[name] += 1
     details.update(kernels)

@@ -43,7 +43,7 @@
 namespace ltkd {
 namespace simd {
 
-// Groups handled by the vectorised kernels; more groups take the scalar path.
+// Groups handled by the vectorised grouped-KL kernels; more groups take the scalar path.
 constexpr int kMaxVectorGroups = 8;
 
 constexpr float kLog2e = 1.44269504088896341f;
@@ -79,6 +79,11 @@ using Mask = __mmask16;
 
 inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+// Lanes [0, n) from p (n < kWidth), the others `fill`; nothing past p + n is read.
+inline Vec load_partial(const float* p, int64_t n, float fill) {
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p);
+}
 // Non-temporal store of a 64-byte aligned vector: a large output written once skips the
 // read-for-ownership of its lines. stream_fence() orders these stores before the caller's
 // later ones (call it before handing the output to another thread).
@@ -91,13 +96,24 @@ inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+inline Vec fmsub(Vec a, Vec b, Vec c) { return _mm512_fmsub_ps(a, b, c); }  // a * b - c
 inline Mask greater(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+inline Mask less(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+inline Mask equal(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
 inline Mask either(Mask a, Mask b) { return static_cast<Mask>(a | b); }
+inline Vec abs(Vec a) { return _mm512_abs_ps(a); }
 inline bool any(Mask m) { return m != 0; }
 inline Vec select(Mask m, Vec if_true, Vec if_false) {
   return _mm512_mask_blend_ps(m, if_false, if_true);
 }
 inline Vec masked_add(Vec acc, Mask m, Vec x) { return _mm512_mask_add_ps(acc, m, acc, x); }
+// max(x, acc) lane-wise, a NaN in x ignored (vmaxps returns its second operand on NaN).
+inline Vec max_ignore_nan(Vec x, Vec acc) { return _mm512_max_ps(x, acc); }
+inline Vec masked_max_ignore_nan(Vec acc, Mask m, Vec x) {
+  return _mm512_mask_max_ps(acc, m, x, acc);
+}
+// The largest lane (no NaN lanes).
+inline float reduce_max(Vec v) { return _mm512_reduce_max_ps(v); }
 
 // exp with under 2 ulp error (see kExpC2..5): x = n ln2 + r, |r| <= ln2 / 2,
 // exp(x) = 2^n e^r. -inf -> 0, NaN -> NaN, overflow -> inf; vscalefps applies 2^n exactly
@@ -105,6 +121,22 @@ inline Vec masked_add(Vec acc, Mask m, Vec x) { return _mm512_mask_add_ps(acc, m
 inline Vec exp(Vec x) {
   // max/min return their second operand when one is NaN: x is second, so NaN passes through.
   Vec xc = _mm512_min_ps(set1(kExpHigh), _mm512_max_ps(set1(kExpLow), x));
+  Vec n = _mm512_roundscale_ps(mul(xc, set1(kLog2e)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  Vec r = _mm512_fnmadd_ps(n, set1(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, set1(kLn2Lo), r);
+  Vec q = fmadd(set1(kExpC5), r, set1(kExpC4));
+  q = fmadd(q, r, set1(kExpC3));
+  q = fmadd(q, r, set1(kExpC2));
+  const Vec p = fmadd(q, mul(r, r), add(r, set1(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// exp for the kernels' arguments x - max (<= 0 for finite values): the same without the upper
+// clamp (one instruction less). Any finite x still gives exp(x) (overflow to inf by vscalefps);
+// only x = +inf gives NaN instead of inf, where the kernels' results are NaN by definition.
+inline Vec exp_kernel(Vec x) {
+  Vec xc = _mm512_max_ps(set1(kExpLow), x);  // NaN passes through
   Vec n = _mm512_roundscale_ps(mul(xc, set1(kLog2e)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   Vec r = _mm512_fnmadd_ps(n, set1(kLn2Hi), xc);
@@ -128,10 +160,15 @@ inline float reduce_add(Vec v) {
 template <int G>
 struct GroupTable {
   Vec values;  // lane k holds group k's value (k < G)
-  void set(const float* per_group) {
-    alignas(64) float lanes[kWidth] = {0.0f};
-    for (int k = 0; k < G; ++k) lanes[k] = per_group[k];
-    values = _mm512_load_ps(lanes);
+  // Built in registers, lane by lane: a vector load of values just written one by one would
+  // wait for those stores (no store-to-load forwarding), tens of cycles per table.
+  void set(const float* per_group, int count = G) {
+    Vec v = _mm512_setzero_ps();
+    for (int k = 0; k < G && k < count; ++k) {
+      v = _mm512_mask_broadcastss_ps(v, static_cast<__mmask16>(1u << k),
+                                     _mm_set_ss(per_group[k]));
+    }
+    values = v;
   }
 };
 
@@ -158,6 +195,11 @@ constexpr int kWidth = Vec::size();
 
 inline Vec load(const float* p) { return Vec::loadu(p); }
 inline void store(float* p, Vec v) { v.store(p); }
+inline Vec load_partial(const float* p, int64_t n, float fill) {
+  alignas(64) float lanes[kWidth];
+  for (int64_t i = 0; i < kWidth; ++i) lanes[i] = i < n ? p[i] : fill;
+  return Vec::loadu(lanes);
+}
 constexpr bool kHasStreamStore = false;
 inline void stream_store(float* p, Vec v) { v.store(p); }
 inline void stream_fence() {}
@@ -167,12 +209,28 @@ inline Vec add(Vec a, Vec b) { return a + b; }
 inline Vec sub(Vec a, Vec b) { return a - b; }
 inline Vec mul(Vec a, Vec b) { return a * b; }
 inline Vec fmadd(Vec a, Vec b, Vec c) { return at::vec::fmadd(a, b, c); }
+inline Vec fmsub(Vec a, Vec b, Vec c) { return at::vec::fmadd(a, b, Vec(0.0f) - c); }
 inline Mask greater(Vec a, Vec b) { return a > b; }
+inline Mask less(Vec a, Vec b) { return a < b; }
+inline Mask equal(Vec a, Vec b) { return a == b; }
 inline Mask either(Mask a, Mask b) { return a | b; }
+inline Vec abs(Vec a) { return a.abs(); }
 // zero_mask() sets a bit per zero lane; a true lane (all ones, a NaN pattern) is not zero.
 inline bool any(Mask m) { return m.zero_mask() != (1 << kWidth) - 1; }
 inline Vec select(Mask m, Vec if_true, Vec if_false) { return Vec::blendv(if_false, if_true, m); }
 inline Vec masked_add(Vec acc, Mask m, Vec x) { return acc + (x & m); }
+// max(x, acc) lane-wise, a NaN in x ignored.
+inline Vec max_ignore_nan(Vec x, Vec acc) { return Vec::blendv(acc, x, x > acc); }
+inline Vec masked_max_ignore_nan(Vec acc, Mask m, Vec x) {
+  return Vec::blendv(acc, x, (x > acc) & m);
+}
+inline float reduce_max(Vec v) {
+  float lanes[kWidth];
+  v.store(lanes);
+  float top = lanes[0];
+  for (int i = 1; i < kWidth; ++i) top = lanes[i] > top ? lanes[i] : top;
+  return top;
+}
 
 // The same exp as the AVX-512 path; 2^n is built in the exponent field, so x is clamped to
 // the normal range and the ends are selected afterwards.
@@ -193,6 +251,8 @@ inline Vec exp(Vec x) {
   return Vec::blendv(result, Vec(std::numeric_limits<float>::infinity()), x > high);
 }
 
+inline Vec exp_kernel(Vec x) { return exp(x); }
+
 inline float reduce_add(Vec v) {
   float lanes[kWidth];
   v.store(lanes);
@@ -204,8 +264,8 @@ inline float reduce_add(Vec v) {
 template <int G>
 struct GroupTable {
   Vec values[G];  // group k's value in every lane
-  void set(const float* per_group) {
-    for (int k = 0; k < G; ++k) values[k] = Vec(per_group[k]);
+  void set(const float* per_group, int count = G) {
+    for (int k = 0; k < G; ++k) values[k] = Vec(k < count ? per_group[k] : 0.0f);
   }
 };
 
@@ -225,6 +285,24 @@ inline Vec lookup(const GroupTable<G>& table, const GroupLanes<G>& lanes) {
 }
 
 #endif
+
+// Sum of the lanes in float64, in a fixed order (deterministic): a fixed tree of float64 adds.
+inline double reduce_add_double(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d high = _mm512_cvtps_pd(
+      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  return _mm512_reduce_add_pd(_mm512_add_pd(low, high));
+#else
+  alignas(64) float lanes[kWidth];
+  store(lanes, v);
+  double total = 0.0;
+  for (int i = 0; i < kWidth; ++i) total += static_cast<double>(lanes[i]);
+  return total;
+#endif
+}
+
+inline Vec neg_inf() { return set1(-std::numeric_limits<float>::infinity()); }
 
 }  // namespace simd
 }  // namespace ltkd

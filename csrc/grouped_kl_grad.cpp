@@ -1,0 +1,635 @@
+// Op 3 of docs/design.md, `grad`: one more read of each row and one write of
+//
+//   d row / d x_i = u { T (cross_k pt^S_i + within_k (pt^S_i - pt^T_i))
+//                       + ce_weight (softmax(x)_i - [i = t]) }
+//
+// (the within part as a difference of probabilities, exact where they agree). The maximum and
+// the sum are kept apart: pt^S_i = exp(b_i - ref(m^S_k)) / s^S_k, the 1 / s folded into the
+// per-group coefficients (a float32 log-sum-exp m + log s would round the arg-max's pt to
+// exactly 1 at |z / T| ~ 700), so that per class and model it is one subtraction and one exp:
+//
+//   out_i = e^S_i A_k + (e^S_i B_k - e^T_i C_k),   e = exp(value - ref(m_k)),
+//   A = u T cross / s^S,  B = u T within / s^S,  C = u T within / s^T   (0 for an empty group).
+//
+// The per-row coefficients come from the state and `saved` in float64 (grouped_kl_math.h), a
+// block of rows at a time; the row is written by a vectorised kernel (G <= 8) or a scalar one,
+// then a few columns by the scalar formula: the top-k entries, the TARGET rule's target class
+// (its own group) and the cross-entropy's target (- [i = t]). Invalid rows get zeros.
+#include "grouped_kl.h"
+#include "grouped_kl_math.h"
+#include "ltkd_cpu.h"
+
+namespace ltkd {
+namespace gkl {
+namespace {
+
+using simd::kWidth;
+using simd::Vec;
+
+// One row's coefficients (float32), per group k: the reference points ms, mt and A, B, C above;
+// D = u T (cross + within) / s^S (RENORMALIZE's student part off the entries). The
+// cross-entropy's ref(m^X), u ce_weight / s^X (ce_scaled) and u ce_weight (the - [i = t]).
+// BUCKET: its top group's reference point and u P / (s_top / P^S_top) (at the entries), its
+// rest group's u (P r^S - r^T) / s_rest (in D[1], with ms[1]).
+struct RowCoefficients {
+  const float *ms, *mt, *a, *b, *c, *d;  // G each
+  float mx, ce_scaled, ce, bucket_ms, bucket_top, u;
+};
+
+inline double inverse_or_zero(double s) { return s == 0.0 ? 0.0 : 1.0 / s; }
+
+struct GradContext {
+  const RowInputs& in;
+  View state, extras, saved, grad_loss;
+  View sample_weight, group_logmass;
+  char* grad;
+  int64_t grad_element_bytes;
+  at::ScalarType grad_dtype;
+  bool stream;
+  bool with_ce;  // cross-entropy with a target
+};
+
+double upstream(const GradContext& ctx, int64_t row) {
+  const Options& opt = ctx.in.opt;
+  const int G = ctx.in.G;
+  const bool one = ctx.grad_loss.dim == 0 || ctx.grad_loss.size[0] == 1;
+  const double gl = one ? ctx.grad_loss.real_at(ctx.grad_loss.data) : ctx.grad_loss.real(row);
+  double u = gl * (ctx.sample_weight.present ? ctx.sample_weight.real(row) : 1.0);
+  if (opt.reduction == kReduceMean) {
+    const double denominator = ctx.saved.real(G);
+    u = denominator != 0.0 ? u / denominator : 0.0;
+  }
+  return u;
+}
+
+// The coefficients of a block of consecutive rows, from their states in float64 (the exps and
+// logs vectorised over the block, element by element: a row's coefficients do not depend on
+// its block).
+struct CoefficientBlock {
+  static constexpr int kScalars = 6;
+  int G;
+  int64_t capacity;
+  RowBlock rb;
+  std::vector<float> values;  // 6 arrays of capacity x G, then capacity x kScalars
+  std::vector<double> log_scale;
+  float *ms, *mt, *a, *b, *c, *d, *scalars;
+
+  CoefficientBlock(int groups, int64_t rows, const View& saved)
+      : G(groups), capacity(rows), rb(groups, rows),
+        values(static_cast<size_t>(rows * (6 * groups + kScalars))),
+        log_scale(static_cast<size_t>(groups)) {
+    float* p = values.data();
+    for (float** array : {&ms, &mt, &a, &b, &c, &d}) {
+      *array = p;
+      p += rows * groups;
+    }
+    scalars = p;
+    for (int k = 0; k < groups; ++k) log_scale[k] = saved.real(k);
+  }
+
+  RowCoefficients row(int64_t i) const {
+    const int64_t at = i * G;
+    const float* sc = scalars + i * kScalars;
+    return RowCoefficients{ms + at, mt + at, a + at, b + at, c + at, d + at,
+                           sc[0], sc[1], sc[2], sc[3], sc[4], sc[5]};
+  }
+
+  void compute(const GradContext& ctx, int64_t first, int64_t count) {
+    const Options& opt = ctx.in.opt;
+    const bool bucket = opt.topk_rule == kTopkBucket;
+    const bool one_group = G == 1 && !ctx.group_logmass.present;
+    rb.load(ctx.state, first, count);
+    rb.masses(opt, ctx.group_logmass);
+    if (!bucket && !one_group) rb.rebalanced(opt, log_scale.data());
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t row = first + i;
+      const double u = upstream(ctx, row);
+      float* sc = scalars + i * kScalars;
+      std::fill(sc, sc + kScalars, 0.0f);
+      sc[5] = static_cast<float>(u);
+      const int64_t base = i * G;
+      for (int k = 0; k < G; ++k) {
+        ms[base + k] = static_cast<float>(ref(rb.m_s[base + k]));
+        mt[base + k] = static_cast<float>(ref(rb.m_t[base + k]));
+      }
+      if (bucket) {
+        // At the entries u (P p^S_i - p^T_i), p^S_i = exp(b_i - ref(m^S_top)) P^S_top / s_top;
+        // off them u (P r^S - r^T) pt^rest_i (never r^T / r^S, which overflows).
+        // P = P^T_top + r^T = 1 + excess; r^S - r^T from the larger of the two, without
+        // cancellation.
+        const double log_r_t = rb.lp_t[base + 1], log_r_s = rb.lp_s[base + 1];
+        const bool has_rest = log_r_t != -kInf;
+        double excess = std::expm1(rb.lp_t[base]);
+        if (has_rest && excess < 0.0) excess = 0.0;
+        double rest_gap = log_r_s >= log_r_t ? -std::exp(log_r_s) * std::expm1(log_r_t - log_r_s)
+                                             : std::exp(log_r_t) * std::expm1(log_r_s - log_r_t);
+        if (!(has_rest || log_r_s != -kInf)) rest_gap = 0.0;
+        const double coef_rest = std::exp(log_r_s) * excess + rest_gap;
+        sc[3] = ms[base];
+        sc[4] = static_cast<float>(u * (1.0 + excess) * std::exp(rb.lp_s[base] - rb.ls_s[base]));
+        for (int k = 0; k < G; ++k) a[base + k] = b[base + k] = c[base + k] = d[base + k] = 0.0f;
+        d[base + 1] = static_cast<float>(u * coef_rest * inverse_or_zero(rb.s_s[base + 1]));
+      } else {
+        const double scale = u * opt.temperature;
+        for (int k = 0; k < G; ++k) {
+          const int64_t at = base + k;
+          double cross = 0.0, within;
+          if (one_group) {
+            within = opt.beta * (rb.s_t[at] != 0.0 ? 1.0 : 0.0);
+          } else {
+            const double weight = opt.within_teacher ? rb.p_t[at] : 1.0;
+            within = opt.beta * weight * (rb.s_t[at] != 0.0 ? 1.0 : 0.0);
+            cross = opt.alpha * (rb.p_s[at] - rb.q[at]);
+          }
+          const double inv_s = inverse_or_zero(rb.s_s[at]);
+          const double inv_t = inverse_or_zero(rb.s_t[at]);
+          a[at] = static_cast<float>(scale * cross * inv_s);
+          b[at] = static_cast<float>(scale * within * inv_s);
+          c[at] = static_cast<float>(scale * within * inv_t);
+          d[at] = static_cast<float>(scale * (cross + within) * inv_s);
+        }
+      }
+      if (ctx.with_ce) {
+        const double s_x = ctx.extras.real(row, 1);
+        sc[0] = static_cast<float>(ref(ctx.extras.real(row, 0)));
+        sc[1] = static_cast<float>(u * opt.ce_weight * inverse_or_zero(s_x));
+        sc[2] = static_cast<float>(u * opt.ce_weight);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Vectorised chunk functors: return the gradient of kWidth classes.
+
+template <int G>
+struct Tables {
+  simd::GroupTable<G> table;
+  float first = 0.0f;  // G = 1: the value
+  // Up to G values of `from` (the rest 0), read straight from it: the kernel's G may exceed
+  // the row's group count.
+  void set(const float* from, int count) {
+    first = from[0];
+    if constexpr (G > 1) table.set(from, count);
+  }
+  LTKD_ALWAYS_INLINE Vec get(const simd::GroupLanes<G>* lanes) const {
+    if constexpr (G == 1) {
+      return simd::set1(first);
+    } else {
+      return simd::lookup(table, *lanes);
+    }
+  }
+};
+
+// The per-group tables a row kernel reads: the student's reference points and coefficient
+// (ms, coef: A, or D for one model) and, with a dense teacher, mt, B, C.
+struct KernelTables {
+  const float *ms, *coef;
+  const float *mt = nullptr, *b = nullptr, *c = nullptr;
+  int count = 1;  // groups in the tables
+};
+
+// kTeacher: e^S A + (e^S B - e^T C); else e^S coef. Plus the cross-entropy's
+// u ce_weight softmax(x)_i with kCrossEntropy.
+template <int G, bool kTeacher, bool kLogWeight, bool kCrossEntropy>
+struct GradChunk {
+  Tables<G> ms, coef, mt, b, c;
+  Vec inv, mx, ce;
+
+  GradChunk(const KernelTables& t, const RowCoefficients& row, float inv_t)
+      : inv(simd::set1(inv_t)), mx(simd::set1(row.mx)), ce(simd::set1(row.ce_scaled)) {
+    ms.set(t.ms, t.count);
+    coef.set(t.coef, t.count);
+    if constexpr (kTeacher) {
+      mt.set(t.mt, t.count);
+      b.set(t.b, t.count);
+      c.set(t.c, t.count);
+    }
+  }
+
+  LTKD_ALWAYS_INLINE Vec operator()(const float* x, const float* t, const float* lw,
+                                    const float* gid) const {
+    if constexpr (G == 1) {
+      return compute(x, t, lw, nullptr);
+    } else {
+      const simd::GroupLanes<G> lanes(simd::load(gid));
+      return compute(x, t, lw, &lanes);
+    }
+  }
+
+  LTKD_ALWAYS_INLINE Vec compute(const float* x, const float* t, const float* lw,
+                                 const simd::GroupLanes<G>* lanes) const {
+    const Vec raw_x = simd::load(x);
+    const Vec e_s = simd::exp_kernel(simd::sub(simd::mul(raw_x, inv), ms.get(lanes)));
+    Vec out;
+    if constexpr (kTeacher) {
+      Vec a = simd::mul(simd::load(t), inv);
+      if constexpr (kLogWeight) a = simd::add(a, simd::load(lw));
+      const Vec e_t = simd::exp_kernel(simd::sub(a, mt.get(lanes)));
+      const Vec within = simd::fmsub(e_s, b.get(lanes), simd::mul(e_t, c.get(lanes)));
+      out = simd::fmadd(e_s, coef.get(lanes), within);
+    } else {
+      out = simd::mul(e_s, coef.get(lanes));
+    }
+    if constexpr (kCrossEntropy) {
+      out = simd::fmadd(ce, simd::exp_kernel(simd::sub(raw_x, mx)), out);
+    }
+    return out;
+  }
+};
+
+// The scalar chunk functor (more groups, unusual combinations): the same formula per lane.
+struct ScalarChunk {
+  const KernelTables& t;
+  const RowCoefficients& row;
+  bool teacher, ce, class_ids;
+  float inv_t;
+  LTKD_ALWAYS_INLINE Vec operator()(const float* x, const float* tx, const float* lw,
+                                    const float* gid) const {
+    alignas(64) float lanes[kWidth];
+    for (int i = 0; i < kWidth; ++i) {
+      const int k = class_ids ? static_cast<int>(gid[i]) : 0;
+      const float e_s = std::exp(x[i] * inv_t - t.ms[k]);
+      float v;
+      if (teacher) {
+        float a = tx[i] * inv_t;
+        if (lw != nullptr) a += lw[i];
+        const float e_t = std::exp(a - t.mt[k]);
+        v = std::fma(e_s, t.coef[k], std::fma(e_s, t.b[k], -(e_t * t.c[k])));  // as the kernel
+      } else {
+        v = e_s * t.coef[k];
+      }
+      if (ce) v += row.ce_scaled * std::exp(x[i] - row.mx);
+      lanes[i] = v;
+    }
+    return simd::load(lanes);
+  }
+};
+
+// A column set by the scalar formula, and the top-k entry at it (-1: none).
+struct Fixup {
+  int64_t col;
+  int64_t entry;
+  bool operator<(const Fixup& o) const { return col < o.col; }
+};
+
+struct PaddedGradChunk {
+  alignas(64) float x[kWidth];
+  alignas(64) float t[kWidth];
+  alignas(64) float lw[kWidth];
+  alignas(64) float gid[kWidth];
+  alignas(64) float out[kWidth];
+  void fill(const float* xs, const float* ts, const float* lws, const float* gids, int64_t n) {
+    simd::store(x, simd::load_partial(xs, n, -kInfF));
+    simd::store(t, simd::load_partial(ts, n, -kInfF));
+    simd::store(lw, lws != nullptr ? simd::load_partial(lws, n, 0.0f) : simd::zero());
+    simd::store(gid, gids != nullptr ? simd::load_partial(gids, n, 0.0f) : simd::zero());
+  }
+};
+
+// Write the gradient row: chunk(x, t, lw, gid) for every chunk, then fix(col) at the fix-up
+// columns (sorted), block by block, stored in the output's dtype. The fix-ups are applied after
+// each block's vector loop: a call inside that loop would keep its constants out of registers.
+template <typename Chunk, typename Fix>
+void write_row(const GradContext& ctx, int64_t row, bool teacher, const float* lw_all,
+               const float* ids_all, const Fixup* fixups, size_t fixup_count, const Chunk& chunk,
+               const Fix& fix) {
+  const RowInputs& in = ctx.in;
+  alignas(64) float buffer_x[kBlock];
+  alignas(64) float buffer_t[kBlock];
+  alignas(64) float buffer_out[kBlock];
+  PaddedGradChunk pad;
+  const bool in_place = ctx.grad_dtype == at::kFloat;
+  char* grad_row = ctx.grad + row * in.vocab * ctx.grad_element_bytes;
+  const Chunk local = chunk;  // a copy the loop can keep in registers
+  size_t next = 0;
+  for (int64_t start = 0; start < in.vocab; start += kBlock) {
+    const int64_t n = std::min(kBlock, in.vocab - start);
+    const float* x = in.student.block(row, start, n, buffer_x);
+    const float* t = teacher ? in.teacher.block(row, start, n, buffer_t) : x;
+    const float* lw = lw_all != nullptr ? lw_all + start : nullptr;
+    const float* gid = ids_all != nullptr ? ids_all + start : nullptr;
+    float* out = in_place ? reinterpret_cast<float*>(grad_row) + start : buffer_out;
+    const int64_t full = n / kWidth * kWidth;
+    if (ctx.stream) {
+      for (int64_t j = 0; j < full; j += kWidth) {
+        simd::prefetch(x + j + kPrefetchAhead);
+        if (teacher) simd::prefetch(t + j + kPrefetchAhead);
+        simd::stream_store(out + j, local(x + j, t + j, lw != nullptr ? lw + j : nullptr,
+                                          gid != nullptr ? gid + j : nullptr));
+      }
+    } else {
+      for (int64_t j = 0; j < full; j += kWidth) {
+        simd::prefetch(x + j + kPrefetchAhead);
+        if (teacher) simd::prefetch(t + j + kPrefetchAhead);
+        simd::store(out + j, local(x + j, t + j, lw != nullptr ? lw + j : nullptr,
+                                   gid != nullptr ? gid + j : nullptr));
+      }
+    }
+    if (full < n) {
+      pad.fill(x + full, t + full, lw != nullptr ? lw + full : nullptr,
+               gid != nullptr ? gid + full : nullptr, n - full);
+      simd::store(pad.out, local(pad.x, pad.t, pad.lw, pad.gid));
+      std::copy(pad.out, pad.out + (n - full), out + full);
+    }
+    while (next < fixup_count && fixups[next].col < start + n) {
+      out[fixups[next].col - start] = fix(fixups[next]);
+      ++next;
+    }
+    if (!in_place) {
+      store_from_float(out, ctx.grad_dtype, grad_row + start * ctx.grad_element_bytes, n);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One row.
+
+enum class Kind { kDense, kRenormalize, kRestrict, kBucket };
+
+struct RowScratchGrad {
+  std::vector<Fixup> fixups;
+  std::vector<int64_t> index_copy;
+};
+
+template <int G, bool kTeacher, bool kLogWeight, bool kCrossEntropy, typename Fix>
+void vector_row(const GradContext& ctx, int64_t row, const KernelTables& t,
+                const RowCoefficients& c, const float* ids, float inv_t,
+                const RowScratchGrad& sc, const Fix& fix) {
+  const GradChunk<G, kTeacher, kLogWeight, kCrossEntropy> chunk(t, c, inv_t);
+  write_row(ctx, row, kTeacher, kLogWeight ? ctx.in.log_weight : nullptr, G > 1 ? ids : nullptr,
+            sc.fixups.data(), sc.fixups.size(), chunk, fix);
+}
+
+// A vectorised kernel for G (template) groups; false when none fits (then the scalar one).
+template <int G, typename Fix>
+bool vector_row_for(const GradContext& ctx, int64_t row, const KernelTables& t,
+                    const RowCoefficients& c, const float* ids, bool teacher, bool log_weight,
+                    bool ce, float inv_t, const RowScratchGrad& sc, const Fix& fix) {
+  if (teacher && log_weight) {
+    if constexpr (G == 1) {
+      if (ce) {
+        vector_row<1, true, true, true>(ctx, row, t, c, ids, inv_t, sc, fix);
+      } else {
+        vector_row<1, true, true, false>(ctx, row, t, c, ids, inv_t, sc, fix);
+      }
+      return true;
+    }
+    return false;
+  }
+  if (teacher) {
+    if (ce) {
+      vector_row<G, true, false, true>(ctx, row, t, c, ids, inv_t, sc, fix);
+    } else {
+      vector_row<G, true, false, false>(ctx, row, t, c, ids, inv_t, sc, fix);
+    }
+  } else if (ce) {
+    vector_row<G, false, false, true>(ctx, row, t, c, ids, inv_t, sc, fix);
+  } else {
+    vector_row<G, false, false, false>(ctx, row, t, c, ids, inv_t, sc, fix);
+  }
+  return true;
+}
+
+template <typename Fix>
+bool dispatch_vector(int vector_g, const GradContext& ctx, int64_t row, const KernelTables& t,
+                     const RowCoefficients& c, const float* ids, bool teacher, bool log_weight,
+                     bool ce, float inv_t, const RowScratchGrad& sc, const Fix& fix) {
+  switch (vector_g) {
+    case 1: return vector_row_for<1>(ctx, row, t, c, ids, teacher, log_weight, ce, inv_t, sc, fix);
+    case 2: return vector_row_for<2>(ctx, row, t, c, ids, teacher, log_weight, ce, inv_t, sc, fix);
+    case 3: return vector_row_for<3>(ctx, row, t, c, ids, teacher, log_weight, ce, inv_t, sc, fix);
+    case 4: return vector_row_for<4>(ctx, row, t, c, ids, teacher, log_weight, ce, inv_t, sc, fix);
+    case 8: return vector_row_for<8>(ctx, row, t, c, ids, teacher, log_weight, ce, inv_t, sc, fix);
+    default: return false;
+  }
+}
+
+int vector_groups(int G) {
+  if (G <= 4) return G;
+  return G <= simd::kMaxVectorGroups ? simd::kMaxVectorGroups : 0;
+}
+
+struct ZeroChunk {
+  LTKD_ALWAYS_INLINE Vec operator()(const float*, const float*, const float*, const float*) const {
+    return simd::zero();
+  }
+};
+
+void grad_row(const GradContext& ctx, int64_t row, const RowCoefficients& c, RowScratchGrad& sc,
+              std::atomic<int64_t>& first_bad_row) {
+  const RowInputs& in = ctx.in;
+  const Options& opt = in.opt;
+  const int G = in.G;
+  char* grad_row_ptr = ctx.grad + row * in.vocab * ctx.grad_element_bytes;
+  if (in.has_topk && !topk_row_ok(in.topk_indices, row, in.topk, in.index_bound, sc.index_copy)) {
+    int64_t seen = first_bad_row.load();
+    while (row < seen && !first_bad_row.compare_exchange_weak(seen, row)) {
+    }
+    fill_zero(grad_row_ptr, in.vocab, ctx.grad_element_bytes);
+    return;
+  }
+  const Kind kind = !in.has_topk ? Kind::kDense
+                    : opt.topk_rule == kTopkRenormalize ? Kind::kRenormalize
+                    : opt.topk_rule == kTopkRestrict    ? Kind::kRestrict
+                                                        : Kind::kBucket;
+  const bool target_rule = opt.group_rule == kGroupTarget;
+  const int64_t local_target = in.has_target ? in.local_target(row) : -1;
+  const bool found = local_target >= 0 && local_target < in.vocab;
+
+  // Fix-up columns: valid top-k entries, the TARGET rule's class, the cross-entropy's target.
+  sc.fixups.clear();
+  if (in.has_topk) {
+    for (int64_t j = 0; j < in.topk; ++j) {
+      const int64_t idx = in.topk_indices.index(row, j);
+      const float lp = static_cast<float>(in.topk_logprobs.real(row, j));
+      if (idx >= 0 && lp != -kInfF) sc.fixups.push_back({idx, j});
+    }
+  }
+  if (found && (target_rule || ctx.with_ce)) {
+    bool present = false;
+    for (const Fixup& f : sc.fixups) present = present || f.col == local_target;
+    if (!present) sc.fixups.push_back({local_target, -1});
+  }
+  std::sort(sc.fixups.begin(), sc.fixups.end());
+
+  const float inv_t = in.inv_t;
+  auto group_of = [&](int64_t col) -> int {
+    if (opt.group_rule == kGroupClass) return in.class_group(col);
+    if (target_rule) return col == local_target ? 0 : 1;
+    return 0;
+  };
+  // The whole gradient at one column, by the scalar formula.
+  auto fix = [&](const Fixup& f) -> float {
+    const int64_t col = f.col;
+    const float x = in.student.value(row, col);
+    const float b = x * inv_t;
+    float lp = 0.0f, a_entry = 0.0f;
+    if (f.entry >= 0) {
+      lp = static_cast<float>(in.topk_logprobs.real(row, f.entry));
+      a_entry = lp * inv_t;
+      if (in.log_weight != nullptr) a_entry += in.log_weight[col];
+    }
+    float v = 0.0f;
+    if (kind == Kind::kBucket) {
+      if (f.entry >= 0) {
+        v = c.bucket_top * std::exp(b - c.bucket_ms) - c.u * std::exp(lp);
+      } else {
+        v = c.d[1] * std::exp(b - c.ms[1]);
+      }
+    } else {
+      const int k = group_of(col);
+      const float e_s = std::exp(b - c.ms[k]);
+      if (kind == Kind::kDense) {
+        float a = in.teacher.value(row, col) * inv_t;
+        if (in.log_weight != nullptr) a += in.log_weight[col];
+        v = std::fma(e_s, c.a[k], std::fma(e_s, c.b[k], -(std::exp(a - c.mt[k]) * c.c[k])));
+      } else if (f.entry >= 0) {  // an entry (RENORMALIZE, RESTRICT)
+        v = std::fma(e_s, c.a[k], std::fma(e_s, c.b[k], -(std::exp(a_entry - c.mt[k]) * c.c[k])));
+      } else if (kind == Kind::kRenormalize) {
+        v = e_s * c.d[k];
+      }  // RESTRICT: 0 off the entries
+    }
+    if (ctx.with_ce) {
+      v += c.ce_scaled * std::exp(x - c.mx);
+      if (col == local_target) v -= c.ce;
+    }
+    return v;
+  };
+
+  if (kind == Kind::kRestrict) {
+    if (ctx.with_ce) {
+      // The cross-entropy's softmax over every class: the one-group kernel at T = 1.
+      const KernelTables softmax{&c.mx, &c.ce_scaled};
+      const GradChunk<1, false, false, false> chunk(softmax, c, 1.0f);
+      write_row(ctx, row, false, nullptr, nullptr, sc.fixups.data(), sc.fixups.size(), chunk, fix);
+    } else {
+      write_row(ctx, row, false, nullptr, nullptr, sc.fixups.data(), sc.fixups.size(), ZeroChunk(),
+                fix);
+    }
+    return;
+  }
+  const bool teacher = kind == Kind::kDense;
+  int first = 0;  // the kernel's group 0 (TARGET rule: group 1, the target is a fix-up)
+  int count = 1;
+  const float* ids = nullptr;
+  if (kind == Kind::kBucket) {
+    first = 1;  // off the entries: the rest group's pt^rest
+  } else if (opt.group_rule == kGroupClass) {
+    count = G;
+    ids = in.group_ids;
+  } else if (target_rule) {
+    first = 1;
+  }
+  KernelTables tables{c.ms + first, (teacher ? c.a : c.d) + first};
+  if (teacher) {
+    tables.mt = c.mt + first;
+    tables.b = c.b + first;
+    tables.c = c.c + first;
+  }
+  tables.count = count;
+  const bool log_weight = teacher && in.log_weight != nullptr;
+  const int vg = force_scalar() ? 0 : vector_groups(count);
+  if (vg > 0 && dispatch_vector(vg, ctx, row, tables, c, ids, teacher, log_weight, ctx.with_ce,
+                                inv_t, sc, fix)) {
+    return;
+  }
+  const ScalarChunk chunk{tables, c, teacher, ctx.with_ce, ids != nullptr, inv_t};
+  write_row(ctx, row, teacher, log_weight ? in.log_weight : nullptr, ids, sc.fixups.data(),
+            sc.fixups.size(), chunk, fix);
+}
+
+}  // namespace
+}  // namespace gkl
+
+at::Tensor grouped_kl_grad(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+    const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_logprobs,
+    const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& sample_weight,
+    const std::optional<at::Tensor>& group_logmass, const at::Tensor& state,
+    const at::Tensor& extras, const at::Tensor& saved, const at::Tensor& grad_loss,
+    const gkl::Options& opt) {
+  using namespace gkl;
+  const RowInputs in = prepare_row_inputs(student, teacher, topk_indices, topk_logprobs, groups,
+                                          target, class_weight, mask, opt, /*for_grad=*/true);
+  const int64_t rows = in.rows, vocab = in.vocab;
+  const int G = in.G;
+  TORCH_CHECK_VALUE(state.device().is_cpu() && state.dim() == 3 && state.size(0) == rows &&
+                        state.size(1) == kSlots && state.size(2) == G,
+                    "state must be a CPU tensor of shape (", rows, ", 5, ", G, "), got ",
+                    state.sizes());
+  TORCH_CHECK_VALUE(extras.device().is_cpu() && extras.dim() == 2 && extras.size(0) == rows &&
+                        extras.size(1) == kExtras,
+                    "extras must be a CPU tensor of shape (", rows, ", 4), got ", extras.sizes());
+  TORCH_CHECK_VALUE(saved.device().is_cpu() && saved.dim() == 1 && saved.size(0) == G + 1,
+                    "saved must be a CPU tensor of shape (", G + 1, ",), got ", saved.sizes());
+  const bool per_row = opt.reduction == kReduceNone;
+  TORCH_CHECK_VALUE(grad_loss.device().is_cpu() &&
+                        (grad_loss.numel() == 1 ||
+                         (per_row && grad_loss.dim() == 1 && grad_loss.size(0) == rows)),
+                    "grad_loss must hold one value", per_row ? " or one per row" : "",
+                    ", got shape ", grad_loss.sizes());
+  for (const at::Tensor* t : {&state, &extras, &saved, &grad_loss}) {
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                          dtype == at::kBFloat16,
+                      "state, extras, saved and grad_loss must be float tensors");
+  }
+  if (sample_weight.has_value()) {
+    TORCH_CHECK_VALUE(sample_weight->dim() == 1 && sample_weight->size(0) == rows,
+                      "sample_weight must have shape (", rows, ",)");
+  }
+  if (group_logmass.has_value()) {
+    TORCH_CHECK_VALUE(group_logmass->dim() == 2 && group_logmass->size(0) == rows &&
+                          group_logmass->size(1) == G,
+                      "group_logmass must have shape (", rows, ", ", G, ")");
+  }
+  at::Tensor grad = at::empty({rows, vocab}, student.options());
+  advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
+  View grad_loss_view(grad_loss);
+  if (grad_loss.dim() > 1) grad_loss_view.dim = 0;  // one value of any shape
+  const GradContext ctx{in,
+                        View(state),
+                        View(extras),
+                        View(saved),
+                        grad_loss_view,
+                        sample_weight.has_value() ? View(*sample_weight) : View(),
+                        group_logmass.has_value() ? View(*group_logmass) : View(),
+                        static_cast<char*>(grad.data_ptr()),
+                        static_cast<int64_t>(grad.element_size()),
+                        grad.scalar_type(),
+                        simd::kHasStreamStore && grad.scalar_type() == at::kFloat &&
+                            vocab % kWidth == 0 &&
+                            reinterpret_cast<uintptr_t>(grad.data_ptr()) % 64 == 0 &&
+                            static_cast<size_t>(grad.nbytes()) >= kStreamMinBytes,
+                        opt.with_ce() && target.has_value()};
+  std::atomic<int64_t> first_bad_row{std::numeric_limits<int64_t>::max()};
+  // Rows in tasks; per task, blocks of rows: their coefficients, then their gradients.
+  const int64_t rows_in_block = std::clamp<int64_t>(2048 / std::max(G, 1), 1, 64);
+  for_each_task(rows, vocab, [&](int64_t first, int64_t last) {
+    CoefficientBlock block(G, std::min(rows_in_block, last - first), ctx.saved);
+    RowScratchGrad scratch;
+    for (int64_t start = first; start < last; start += block.capacity) {
+      const int64_t count = std::min(block.capacity, last - start);
+      block.compute(ctx, start, count);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t row = start + i;
+        if (!in.valid[row]) {
+          fill_zero(ctx.grad + row * vocab * ctx.grad_element_bytes, vocab,
+                    ctx.grad_element_bytes);
+          continue;
+        }
+        grad_row(ctx, row, block.row(i), scratch, first_bad_row);
+      }
+    }
+  });
+  const int64_t bad = first_bad_row.load();
+  TORCH_CHECK_VALUE(bad == std::numeric_limits<int64_t>::max(),
+                    "topk_indices values must lie in [-1, ", in.index_bound,
+                    ") with no class repeated in a row; row ", bad, " is not");
+  return grad;
+}
+
+}  // namespace ltkd

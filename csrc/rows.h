@@ -1,0 +1,157 @@
+// Reading logits rows as float32, writing gradient rows in the logits' dtype, page hints, and
+// the row loop on torch's intra-op threads: what every row kernel of the CPU backend shares.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+#include "simd.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace ltkd {
+
+// Classes per block: a multiple of simd::kWidth and of the 2 x kWidth half-precision vectors.
+// A block of float16/bfloat16 logits is converted to float32 in an L1 buffer of this size.
+constexpr int64_t kBlock = 1024;
+// Prefetch this many floats ahead of the chunk being read.
+constexpr int64_t kPrefetchAhead = 256;
+// Outputs from this size on are written with non-temporal stores (larger than the caches
+// they would otherwise evict).
+constexpr size_t kStreamMinBytes = size_t{32} << 20;
+
+// An (N, V) matrix of float32, float16 or bfloat16 logits with unit stride along V and any row
+// stride (0 included).
+struct RowMatrix {
+  const char* data = nullptr;  // first element
+  int64_t row_bytes = 0;       // row stride in bytes
+  at::ScalarType dtype = at::kFloat;
+  int64_t element_bytes = 4;
+
+  RowMatrix() = default;
+  explicit RowMatrix(const at::Tensor& t)
+      : data(static_cast<const char*>(t.data_ptr())),
+        row_bytes(t.dim() == 2 ? t.stride(0) * static_cast<int64_t>(t.element_size()) : 0),
+        dtype(t.scalar_type()),
+        element_bytes(static_cast<int64_t>(t.element_size())) {}
+
+  const void* at(int64_t row, int64_t col) const {
+    return data + row * row_bytes + col * element_bytes;
+  }
+
+  // One element as float32.
+  float value(int64_t row, int64_t col) const {
+    const void* p = at(row, col);
+    if (dtype == at::kFloat) return *static_cast<const float*>(p);
+    if (dtype == at::kHalf) return static_cast<float>(*static_cast<const at::Half*>(p));
+    return static_cast<float>(*static_cast<const at::BFloat16*>(p));
+  }
+
+  // Classes [start, start + n) of `row` as float32: in place for float32, else converted into
+  // `buffer` (at least n floats).
+  const float* block(int64_t row, int64_t start, int64_t n, float* buffer) const {
+    const void* src = at(row, start);
+    if (dtype == at::kFloat) return static_cast<const float*>(src);
+    if (dtype == at::kHalf) {
+      convert_to_float(static_cast<const at::Half*>(src), buffer, n);
+    } else {
+      convert_to_float(static_cast<const at::BFloat16*>(src), buffer, n);
+    }
+    return buffer;
+  }
+
+  template <typename scalar_t>
+  static void convert_to_float(const scalar_t* src, float* dst, int64_t n) {
+    using FVec = at::vec::Vectorized<float>;
+    int64_t i = 0;
+    for (; i + FVec::size() <= n; i += FVec::size()) {
+      simd::prefetch(src + i + kPrefetchAhead);
+      FVec v;
+      at::vec::load_to_float(src + i, v);
+      v.store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+};
+
+// Write n float32 values to a row of dtype `dtype` (float32, float16 or bfloat16).
+inline void store_from_float(const float* src, at::ScalarType dtype, void* dst, int64_t n) {
+  if (dtype == at::kHalf) {
+    at::vec::convert(src, static_cast<at::Half*>(dst), n);
+  } else if (dtype == at::kBFloat16) {
+    at::vec::convert(src, static_cast<at::BFloat16*>(dst), n);
+  } else {
+    std::copy(src, src + n, static_cast<float*>(dst));
+  }
+}
+
+inline void fill_zero(void* dst, int64_t n, int64_t element_bytes) {
+  if (n > 0) std::memset(dst, 0, static_cast<size_t>(n * element_bytes));
+}
+
+// Ask for transparent huge pages on a large, freshly allocated output: first-touch faults on
+// 4 KiB pages cost about as much as computing a gradient. Advisory (errors ignored); torch's
+// THP_MEM_ALLOC_ENABLE=1 does the same for every large allocation.
+inline void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  if (data == nullptr || bytes < 4 * kHugePage) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t begin = (first + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (first + bytes) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// Rows per task: about 64K classes, so that small problems do not pay for threads.
+inline int64_t rows_per_task(int64_t vocab) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1));
+}
+
+// Run task_fn(first, last) on tasks of consecutive rows covering [0, rows). Problems of one task
+// run inline on the calling thread (no thread is started); larger ones on torch's intra-op
+// threads, which take tasks from a shared counter (a thread the OS preempts takes fewer,
+// instead of holding up a fixed half of the rows). Each row is computed whole by one thread, so
+// results do not depend on the number of threads or on which thread took a task.
+template <typename TaskFn>
+void for_each_task(int64_t rows, int64_t vocab, const TaskFn& task_fn) {
+  const int64_t task = rows_per_task(vocab);
+  if (rows <= task || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+    if (rows > 0) task_fn(int64_t{0}, rows);
+    simd::stream_fence();
+    return;
+  }
+  std::atomic<int64_t> next_row{0};
+  at::parallel_for(0, rows, task, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t first = next_row.fetch_add(task);
+      if (first >= rows) break;
+      task_fn(first, std::min(rows, first + task));
+    }
+    simd::stream_fence();
+  });
+}
+
+// Run row_fn(row) for every row, in the tasks of for_each_task.
+template <typename RowFn>
+void for_each_row(int64_t rows, int64_t vocab, const RowFn& row_fn) {
+  for_each_task(rows, vocab, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) row_fn(row);
+  });
+}
+
+}  // namespace ltkd

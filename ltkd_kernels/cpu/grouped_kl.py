@@ -1,0 +1,94 @@
+"""The grouped-KL operators of docs/design.md on the C++ CPU backend.
+
+Same signatures and results as :mod:`ltkd_kernels.ops.grouped_kl_torch` (the executable
+specification): ``states``, ``finish``, ``grad`` and ``loss_forward`` (``states`` + ``finish``
+in one call into the extension). Each function is one call into the extension (counted by
+:func:`ltkd_kernels.ops.launches.record` as ``"cpu:<function>"``); inside it, no ATen operator
+runs but the allocation of the outputs. The extension is built on first use (see
+:mod:`ltkd_kernels.cpu`); these functions raise ``RuntimeError`` when it cannot be.
+
+Inputs as the op layer passes them: logits ``(N, V)`` float32/float16/bfloat16 with unit
+stride along V (any row stride); index tensors of any integer dtype; weights of any float
+dtype; ``mask`` bool or integer. Bad indices raise ``ValueError`` naming the argument.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import Tensor
+
+from ..ops.config import GroupedKLConfig
+from ..ops.launches import record
+
+__all__ = ["states", "finish", "grad", "loss_forward"]
+
+# The extension reads the config as a tuple of these fields, in this order.
+_FIELDS = ("num_groups", "temperature", "alpha", "beta", "rebalance", "within_teacher",
+           "ce_weight", "reduction", "group_rule", "topk_rule", "vocab_offset", "vocab_total",
+           "ignore_index", "num_items", "denominator_from_partials")
+if GroupedKLConfig._fields != _FIELDS:  # pragma: no cover - a change to ops/config.py
+    raise ImportError("ltkd_kernels.cpu.grouped_kl: GroupedKLConfig's fields changed; update the "
+                      "extension's parse_config (csrc/bindings.cpp) and _FIELDS")
+
+_ext = None
+
+
+def _extension():
+    global _ext
+    if _ext is None:
+        from . import extension
+
+        _ext = extension()
+    return _ext
+
+
+def states(student: Optional[Tensor], teacher: Optional[Tensor], topk_indices: Optional[Tensor],
+           topk_logprobs: Optional[Tensor], groups: Optional[Tensor], target: Optional[Tensor],
+           class_weight: Optional[Tensor], mask: Optional[Tensor],
+           cfg: GroupedKLConfig) -> Tuple[Tensor, Tensor]:
+    """Op 1: ``(state (N, 5, G), extras (N, 4))``, float32."""
+    ext = _ext or _extension()
+    record("cpu:states")
+    return ext.grouped_kl_states(student, teacher, topk_indices, topk_logprobs, groups, target,
+                                 class_weight, mask, cfg)
+
+
+def finish(state: Tensor, extras: Tensor, mask: Optional[Tensor], target: Optional[Tensor],
+           sample_weight: Optional[Tensor], group_logmass: Optional[Tensor],
+           batch_partials: Optional[Tensor], num_items: Optional[Tensor],
+           cfg: GroupedKLConfig, partial_only: bool = False):
+    """Op 2: ``(loss, saved (G + 1,))``, or with ``partial_only`` the ``(2G + 2,)`` partial."""
+    ext = _ext or _extension()
+    record("cpu:finish")
+    if partial_only:
+        return ext.grouped_kl_partial(state, extras, mask, target, sample_weight, group_logmass,
+                                      cfg)
+    return ext.grouped_kl_finish(state, extras, mask, target, sample_weight, group_logmass,
+                                 batch_partials, num_items, cfg)
+
+
+def grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tensor],
+         topk_logprobs: Optional[Tensor], groups: Optional[Tensor], target: Optional[Tensor],
+         class_weight: Optional[Tensor], mask: Optional[Tensor], sample_weight: Optional[Tensor],
+         group_logmass: Optional[Tensor], state: Tensor, extras: Tensor, saved: Tensor,
+         grad_loss: Tensor, cfg: GroupedKLConfig) -> Tensor:
+    """Op 3: the gradient with respect to ``student``, ``(N, V)`` contiguous, its dtype."""
+    ext = _ext or _extension()
+    record("cpu:grad")
+    return ext.grouped_kl_grad(student, teacher, topk_indices, topk_logprobs, groups, target,
+                               class_weight, mask, sample_weight, group_logmass, state, extras,
+                               saved, grad_loss, cfg)
+
+
+def loss_forward(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tensor],
+                 topk_logprobs: Optional[Tensor], groups: Optional[Tensor],
+                 target: Optional[Tensor], class_weight: Optional[Tensor],
+                 mask: Optional[Tensor], sample_weight: Optional[Tensor],
+                 group_logmass: Optional[Tensor], num_items: Optional[Tensor],
+                 cfg: GroupedKLConfig):
+    """``states`` then ``finish`` in one call: ``(loss, state, extras, saved)``."""
+    ext = _ext or _extension()
+    record("cpu:loss_forward")
+    return ext.grouped_kl_loss_forward(student, teacher, topk_indices, topk_logprobs, groups,
+                                       target, class_weight, mask, sample_weight, group_logmass,
+                                       num_items, cfg)
