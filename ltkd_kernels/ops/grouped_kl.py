@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from . import distributed
 from . import grouped_kl_torch
@@ -72,19 +73,33 @@ def _cpu_module():
     return grouped_kl
 
 
+# (backend, device type) -> the kernel module, once resolved to a loaded C++ backend or to
+# Triton on CUDA (neither changes within a process): the resolution costs tens of microseconds,
+# a large part of a call at classification sizes. The interpreter and the reference are not
+# cached (the tests switch them).
+_RESOLVED = {}
+
+
 def kernel_module(backend: str, device: torch.device):
     """The module whose ``states``, ``finish``, ``grad`` and ``loss_forward`` run ``backend`` on
     ``device``. Raises ``RuntimeError`` (saying why) for a named backend that cannot run."""
+    module = _RESOLVED.get((backend, device.type))
+    if module is not None:
+        return module
     from ..backends import resolve_backend
 
     # build=True: a kernel runs next, so a C++ backend that is only buildable is compiled now;
     # "auto" falls back to the plain-torch operators if that fails.
     resolved = resolve_backend(backend, device, build=True)
     if resolved == "triton":
-        return _triton_module()
-    if resolved == "cpu":
-        return _cpu_module()
-    return grouped_kl_torch
+        module = _triton_module()
+        if device.type == "cuda":
+            _RESOLVED[(backend, device.type)] = module
+    elif resolved == "cpu":
+        module = _RESOLVED[(backend, device.type)] = _cpu_module()
+    else:
+        module = grouped_kl_torch
+    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +179,19 @@ torch.library.register_fake("ltkd_kernels::grouped_kl_loss", _loss_fake, lib=_LI
 torch.library.register_fake("ltkd_kernels::grouped_kl_loss_backward", _backward_fake, lib=_LIB)
 
 
+def _direct(tensor: Tensor) -> bool:
+    """Whether a call can skip the operator's dispatch and run its implementation directly: a
+    plain eager call (not traced by ``torch.compile``, no dispatch mode such as a fake-tensor
+    or profiling mode, no tensor subclass). Dispatching the ~30 schema arguments of the
+    operator costs tens of microseconds per call, the whole loss at classification sizes."""
+    return (type(tensor) in _PLAIN_TENSORS and not torch.compiler.is_compiling()
+            and _current_dispatch_mode() is None)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_current_dispatch_mode = _python_dispatch._get_current_dispatch_mode
+
+
 class GroupedKLLoss(torch.autograd.Function):
     """The autograd of ``grouped_kl_loss``: forward is the operator, backward the backward
     operator (one kernel). An ``autograd.Function`` rather than ``register_autograd``: the
@@ -172,7 +200,10 @@ class GroupedKLLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        loss, state, extras, saved = torch.ops.ltkd_kernels.grouped_kl_loss(*args)
+        if _direct(args[0]):
+            loss, state, extras, saved = _loss_impl(*args)
+        else:
+            loss, state, extras, saved = torch.ops.ltkd_kernels.grouped_kl_loss(*args)
         tensors, _, cfg, rest = _split(args)
         ctx.save_for_backward(*tensors, state, extras, saved)
         ctx.config = tuple(cfg)
@@ -196,8 +227,8 @@ class GroupedKLLoss(torch.autograd.Function):
                            for name, value in zip(_CONFIG_FIELDS, config))
         elif grad_loss.dim() == 1 and grad_loss.numel() > 1 and grad_loss.stride(0) != 1:
             grad_loss = grad_loss.contiguous()
-        grad_student = torch.ops.ltkd_kernels.grouped_kl_loss_backward(
-            grad_loss, *ctx.saved_tensors, *config, ctx.backend)
+        op = _backward_impl if _direct(grad_loss) else torch.ops.ltkd_kernels.grouped_kl_loss_backward
+        grad_student = op(grad_loss, *ctx.saved_tensors, *config, ctx.backend)
         return (grad_student,) + (None,) * (count - 1)
 
 
