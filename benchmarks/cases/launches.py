@@ -161,8 +161,8 @@ def _table(rows) -> List[str]:
              f"Launches at N={COUNT_SIZE[0]}, V={COUNT_SIZE[1]} (`count_launches`: leaf ATen ops "
              f"that compute, autograd's own included, plus the package's kernels, in brackets "
              f"where they differ; the launch_details column of results.csv names each). On the "
-             f"CPU the Triton rows are the interpreter's, whose tensor copies (copy_) the "
-             f"profiler counts too. Overhead: median forward + backward at N={OVERHEAD_SIZE[0]}, "
+             f"CPU the Triton rows are the interpreter's launches (its own copies to and from "
+             f"numpy are not counted: no GPU launch). Overhead: median forward + backward at N={OVERHEAD_SIZE[0]}, "
              f"V={OVERHEAD_SIZE[1]}, microseconds.", ""]
             + markdown_table(["loss", "provider", "forward launches", "backward launches",
                               "overhead us"], lines, ["---", "---", "--:", "--:", "--:"]) + [""])
