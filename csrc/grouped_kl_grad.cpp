@@ -587,7 +587,6 @@ at::Tensor grouped_kl_grad(
                       "group_logmass must have shape (", rows, ", ", G, ")");
   }
   at::Tensor grad = at::empty({rows, vocab}, student.options());
-  advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
   View grad_loss_view(grad_loss);
   if (grad_loss.dim() > 1) grad_loss_view.dim = 0;  // one value of any shape
   const GradContext ctx{in,

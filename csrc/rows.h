@@ -16,10 +16,6 @@
 
 #include "simd.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace ltkd {
 
 // Classes per block: a multiple of simd::kWidth and of the 2 x kWidth half-precision vectors.
@@ -100,22 +96,10 @@ inline void fill_zero(void* dst, int64_t n, int64_t element_bytes) {
   if (n > 0) std::memset(dst, 0, static_cast<size_t>(n * element_bytes));
 }
 
-// Ask for transparent huge pages on a large, freshly allocated output: first-touch faults on
-// 4 KiB pages cost about as much as computing a gradient. Advisory (errors ignored); torch's
-// THP_MEM_ALLOC_ENABLE=1 does the same for every large allocation.
-inline void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  if (data == nullptr || bytes < 4 * kHugePage) return;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t begin = (first + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (first + bytes) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
-}
+// No madvise(MADV_HUGEPAGE) on the fresh gradient: with the common THP setting defrag=madvise
+// the first touch of an advised region may compact memory synchronously, which stalled a
+// 250 MiB gradient for 300+ ms after other large allocations (measured: a backward of 30 ms
+// when it did not, 300-420 ms when it did); 4 KiB first-touch faults cost a steady share.
 
 // Rows per task: about 64K classes, so that small problems do not pay for threads.
 inline int64_t rows_per_task(int64_t vocab) {

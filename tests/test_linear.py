@@ -241,7 +241,7 @@ def test_row_options(case_name, option, backend):
     check(case, inp, backend, reduction, chunk, **options)
 
 
-@with_backends()
+@with_backends(slow=("triton",))
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 @pytest.mark.parametrize("trainable", ["hidden", "head"])
 @pytest.mark.parametrize("case_name", ["kd", "ltkd"])
@@ -264,7 +264,7 @@ def test_frozen_head_or_frozen_hidden(case_name, trainable, reduction, backend):
         assert_grad_close(got[3], want[3])
 
 
-@with_backends()
+@with_backends(slow=("triton",))
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
 @pytest.mark.parametrize("case_name", ["kd", "ltkd", "dkd", "bkd_ce"])
 def test_every_row_ignored(case_name, reduction, backend):
@@ -294,7 +294,7 @@ def test_empty_batch(reduction, backend):
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
-@with_backends()
+@with_backends(slow=("triton",))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case_name", ["kd", "ltkd", "dkd", "bkd_ce"])
 def test_half_inputs_match_float64(case_name, dtype, backend):

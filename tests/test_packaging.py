@@ -17,6 +17,7 @@ import ltkd_kernels as lk
 from ltkd_kernels import cpu
 from ltkd_kernels.backends import TRITON_MISSING, resolve_backend
 from ltkd_kernels.cpu import build_config
+from ltkd_kernels.ops import grouped_kl as grouped_kl_ops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,11 @@ def unbuilt(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "_attempted", False)
     monkeypatch.setattr(cpu, "_reason", None)
     monkeypatch.setattr(cpu, "_info", {})
+    # The op layer's cache of resolved kernel modules (a loaded backend stays loaded within a
+    # process; this fixture unloads it).
+    monkeypatch.setattr(grouped_kl_ops, "_RESOLVED", {})
+    from ltkd_kernels.cpu import grouped_kl as cpu_ops
+    monkeypatch.setattr(cpu_ops, "_ext", None)
     return tmp_path / "cache"
 
 
