@@ -265,3 +265,25 @@ def test_build_cpu_command_fails_cleanly(tmp_path):
                          env={**os.environ, "LTKD_KERNELS_DISABLE_CPU": "1"})
     assert out.returncode == 1
     assert "LTKD_KERNELS_DISABLE_CPU" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks leave the checkout clean unless told where to write.
+
+def test_benchmarks_without_out_leave_git_status_clean():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def status():
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+
+    before = status()
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--case", "launches", "--quick", "--losses", "kd",
+         "--providers", "eager", "--no-plots"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert str(Path("benchmarks", "results", "tmp")) in run.stdout
+    assert status() == before
