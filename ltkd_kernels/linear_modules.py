@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import linear as L
-from ._validation import check_bool, check_class_weight, check_groups, check_option, check_real
+from ._validation import check_real
 from .modules import _DistillationLoss
 
 _FORWARD = """
@@ -99,15 +99,7 @@ class FusedLinearLTKDLoss(_FusedLinearLoss):
                  ignore_index=-100, ce_weight=0.0, reduction="batchmean", process_group=None,
                  global_batchmean=False, chunk_size=None, backend="auto"):
         super().__init__()
-        groups = torch.as_tensor(groups)
-        num_groups = check_groups(groups, groups.shape[0] if groups.dim() == 1 else -1,
-                                  num_groups, groups.device, always=True)
-        self.register_buffer("groups", groups.long().clone())
-        self.num_groups = num_groups
-        self.alpha, self.beta = check_real("alpha", alpha), check_real("beta", beta)
-        self.rebalance = check_bool("rebalance", rebalance)
-        check_option("within_weight", within_weight, ("uniform", "teacher"))
-        self.within_weight = within_weight
+        self._set_ltkd_constants(groups, num_groups, alpha, beta, rebalance, within_weight)
         self._set_fused(temperature, ignore_index, ce_weight, reduction, process_group,
                         global_batchmean, chunk_size, backend)
 
@@ -121,10 +113,7 @@ class FusedLinearLTKDLoss(_FusedLinearLoss):
             within_weight=self.within_weight, target=target, sample_weight=sample_weight,
             mask=mask, num_items_in_batch=num_items_in_batch, **self._options())
 
-    def extra_repr(self) -> str:
-        return (f"num_groups={self.num_groups}, alpha={self.alpha}, beta={self.beta}, "
-                f"rebalance={self.rebalance}, within_weight={self.within_weight!r}, "
-                + self._common_repr())
+    extra_repr = _DistillationLoss._ltkd_repr
 
 
 class FusedLinearDKDLoss(_FusedLinearLoss):
@@ -166,11 +155,7 @@ class FusedLinearBKDLoss(_FusedLinearLoss):
                  ce_weight=0.0, reduction="batchmean", process_group=None,
                  global_batchmean=False, chunk_size=None, backend="auto"):
         super().__init__()
-        class_weight = torch.as_tensor(class_weight)
-        if class_weight.dim() != 1:
-            raise ValueError(f"class_weight must be 1-D (V,), got shape {tuple(class_weight.shape)}")
-        check_class_weight(class_weight, class_weight.shape[0], class_weight.device, always=True)
-        self.register_buffer("class_weight", class_weight.float().clone())
+        self._set_class_weight(class_weight)
         self._set_fused(temperature, ignore_index, ce_weight, reduction, process_group,
                         global_batchmean, chunk_size, backend)
 

@@ -61,6 +61,30 @@ class _DistillationLoss(nn.Module):
         check_option("backend", backend, BACKENDS)
         self.backend = backend
 
+    def _set_ltkd_constants(self, groups, num_groups, alpha, beta, rebalance, within_weight):
+        """LTKD's constants, checked once: ``groups`` becomes a buffer."""
+        groups = torch.as_tensor(groups)
+        self.num_groups = check_groups(groups, groups.shape[0] if groups.dim() == 1 else -1,
+                                       num_groups, groups.device, always=True)
+        self.register_buffer("groups", groups.long().clone())
+        self.alpha, self.beta = check_real("alpha", alpha), check_real("beta", beta)
+        self.rebalance = check_bool("rebalance", rebalance)
+        check_option("within_weight", within_weight, ("uniform", "teacher"))
+        self.within_weight = within_weight
+
+    def _set_class_weight(self, class_weight):
+        """BKD's class weights, checked once, as a float32 buffer."""
+        class_weight = torch.as_tensor(class_weight)
+        if class_weight.dim() != 1:
+            raise ValueError(f"class_weight must be 1-D (V,), got shape {tuple(class_weight.shape)}")
+        check_class_weight(class_weight, class_weight.shape[0], class_weight.device, always=True)
+        self.register_buffer("class_weight", class_weight.float().clone())
+
+    def _ltkd_repr(self) -> str:
+        return (f"num_groups={self.num_groups}, alpha={self.alpha}, beta={self.beta}, "
+                f"rebalance={self.rebalance}, within_weight={self.within_weight!r}, "
+                + self._common_repr())
+
     def _options(self):
         return dict(temperature=self.temperature, ignore_index=self.ignore_index,
                     ce_weight=self.ce_weight, reduction=self.reduction,
@@ -120,15 +144,7 @@ class LTKDLoss(_DistillationLoss):
                  ignore_index=-100, ce_weight=0.0, reduction="batchmean", process_group=None,
                  global_batchmean=False, vocab_process_group=None, backend="auto"):
         super().__init__()
-        groups = torch.as_tensor(groups)
-        num_groups = check_groups(groups, groups.shape[0] if groups.dim() == 1 else -1,
-                                  num_groups, groups.device, always=True)
-        self.register_buffer("groups", groups.long().clone())
-        self.num_groups = num_groups
-        self.alpha, self.beta = check_real("alpha", alpha), check_real("beta", beta)
-        self.rebalance = check_bool("rebalance", rebalance)
-        check_option("within_weight", within_weight, ("uniform", "teacher"))
-        self.within_weight = within_weight
+        self._set_ltkd_constants(groups, num_groups, alpha, beta, rebalance, within_weight)
         self._set_common(temperature, ignore_index, ce_weight, reduction, process_group,
                          global_batchmean, vocab_process_group, backend)
 
@@ -140,10 +156,7 @@ class LTKDLoss(_DistillationLoss):
                            sample_weight=sample_weight, mask=mask,
                            num_items_in_batch=num_items_in_batch, **self._options())
 
-    def extra_repr(self) -> str:
-        return (f"num_groups={self.num_groups}, alpha={self.alpha}, beta={self.beta}, "
-                f"rebalance={self.rebalance}, within_weight={self.within_weight!r}, "
-                + self._common_repr())
+    extra_repr = _DistillationLoss._ltkd_repr
 
 
 class DKDLoss(_DistillationLoss):
@@ -186,11 +199,7 @@ class BKDLoss(_DistillationLoss):
                  ce_weight=0.0, reduction="batchmean", process_group=None,
                  global_batchmean=False, vocab_process_group=None, backend="auto"):
         super().__init__()
-        class_weight = torch.as_tensor(class_weight)
-        if class_weight.dim() != 1:
-            raise ValueError(f"class_weight must be 1-D (V,), got shape {tuple(class_weight.shape)}")
-        check_class_weight(class_weight, class_weight.shape[0], class_weight.device, always=True)
-        self.register_buffer("class_weight", class_weight.float().clone())
+        self._set_class_weight(class_weight)
         self._set_common(temperature, ignore_index, ce_weight, reduction, process_group,
                          global_batchmean, vocab_process_group, backend)
 
