@@ -115,12 +115,8 @@ inline Vec masked_max_ignore_nan(Vec acc, Mask m, Vec x) {
 // The largest lane (no NaN lanes).
 inline float reduce_max(Vec v) { return _mm512_reduce_max_ps(v); }
 
-// exp with under 2 ulp error (see kExpC2..5): x = n ln2 + r, |r| <= ln2 / 2,
-// exp(x) = 2^n e^r. -inf -> 0, NaN -> NaN, overflow -> inf; vscalefps applies 2^n exactly
-// (denormal results included), so no range case needs a select.
-inline Vec exp(Vec x) {
-  // max/min return their second operand when one is NaN: x is second, so NaN passes through.
-  Vec xc = _mm512_min_ps(set1(kExpHigh), _mm512_max_ps(set1(kExpLow), x));
+// exp of an argument already clamped below (at kExpLow): the polynomial and the scaling.
+inline Vec exp_clamped(Vec xc) {
   Vec n = _mm512_roundscale_ps(mul(xc, set1(kLog2e)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   Vec r = _mm512_fnmadd_ps(n, set1(kLn2Hi), xc);
@@ -132,20 +128,19 @@ inline Vec exp(Vec x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// exp with under 2 ulp error (see kExpC2..5): x = n ln2 + r, |r| <= ln2 / 2,
+// exp(x) = 2^n e^r. -inf -> 0, NaN -> NaN, overflow -> inf; vscalefps applies 2^n exactly
+// (denormal results included), so no range case needs a select.
+inline Vec exp(Vec x) {
+  // max/min return their second operand when one is NaN: x is second, so NaN passes through.
+  return exp_clamped(_mm512_min_ps(set1(kExpHigh), _mm512_max_ps(set1(kExpLow), x)));
+}
+
 // exp for the kernels' arguments x - max (<= 0 for finite values): the same without the upper
 // clamp (one instruction less). Any finite x still gives exp(x) (overflow to inf by vscalefps);
 // only x = +inf gives NaN instead of inf, where the kernels' results are NaN by definition.
 inline Vec exp_kernel(Vec x) {
-  Vec xc = _mm512_max_ps(set1(kExpLow), x);  // NaN passes through
-  Vec n = _mm512_roundscale_ps(mul(xc, set1(kLog2e)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  Vec r = _mm512_fnmadd_ps(n, set1(kLn2Hi), xc);
-  r = _mm512_fnmadd_ps(n, set1(kLn2Lo), r);
-  Vec q = fmadd(set1(kExpC5), r, set1(kExpC4));
-  q = fmadd(q, r, set1(kExpC3));
-  q = fmadd(q, r, set1(kExpC2));
-  const Vec p = fmadd(q, mul(r, r), add(r, set1(1.0f)));
-  return _mm512_scalef_ps(p, n);
+  return exp_clamped(_mm512_max_ps(set1(kExpLow), x));  // NaN passes through
 }
 
 // Sum of the lanes in a fixed order (deterministic).
