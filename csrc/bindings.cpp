@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "gradient_cache.h"
 #include "ltkd_cpu.h"
 #include "simd.h"
 
@@ -148,6 +149,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The SRW kernel touches no Python object: other Python threads run while it does.
   m.def("srw_weights", &ltkd::srw_weights, py::call_guard<py::gil_scoped_release>(),
         "SRW weights (B, P) from features (B, P, D)");
+  m.def(
+      "gradient_cache_info",
+      []() {
+        const GradientCacheInfo info = gradient_cache_info();
+        return py::dict(py::arg("free_buffers") = info.free_buffers,
+                        py::arg("free_bytes") = info.free_bytes,
+                        py::arg("live_bytes") = info.live_bytes, py::arg("hits") = info.hits,
+                        py::arg("misses") = info.misses, py::arg("limit") = info.limit);
+      },
+      "The gradient cache's state (csrc/gradient_cache.h)");
+  m.def("gradient_cache_release", &ltkd::gradient_cache_release,
+        "Return the gradient cache's free buffers to the OS");
+  m.def("gradient_cache_set_limit", &ltkd::gradient_cache_set_limit,
+        "Keep at most this many free gradient buffers (0 turns the cache off)");
   m.def("build_info", &ltkd::build_info, "How the extension was compiled");
   m.def("vector_exp", &ltkd::vector_exp, "The kernels' vectorised exp (for testing)");
 }

@@ -15,6 +15,7 @@
 // block of rows at a time; the row is written by a vectorised kernel (G <= 8) or a scalar one,
 // then a few columns by the scalar formula: the top-k entries, the TARGET rule's target class
 // (its own group) and the cross-entropy's target (- [i = t]). Invalid rows get zeros.
+#include "gradient_cache.h"
 #include "grouped_kl.h"
 #include "grouped_kl_math.h"
 #include "ltkd_cpu.h"
@@ -586,7 +587,7 @@ at::Tensor grouped_kl_grad(
                           group_logmass->size(1) == G,
                       "group_logmass must have shape (", rows, ", ", G, ")");
   }
-  at::Tensor grad = at::empty({rows, vocab}, student.options());
+  at::Tensor grad = empty_gradient(rows, vocab, student.options());
   View grad_loss_view(grad_loss);
   if (grad_loss.dim() > 1) grad_loss_view.dim = 0;  // one value of any shape
   const GradContext ctx{in,

@@ -348,6 +348,9 @@ def _data_parallel_worker(rank, world, init_file, backend, out_dir):
         out.backward()
         results.append((out.detach(), local.grad))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Every rank done before any tears its connections down (gloo may abort a peer
+    # whose connection closes under it).
+    dist.barrier()
     dist.destroy_process_group()
 
 

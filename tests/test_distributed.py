@@ -376,6 +376,9 @@ def _worker(rank, world, init_file, out_dir, backends):
                               dist.group.WORLD, backends)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears its connections down (gloo may abort a peer
+        # whose connection closes under it).
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -63,7 +63,8 @@ from torch import Tensor
 from . import build_config
 
 __all__ = ["status", "Status", "unavailable_reason", "load", "load_info", "srw_weights_impl",
-           "build_info", "build_directory", "extension", "source_directory"]
+           "build_info", "build_directory", "extension", "source_directory", "empty_cache",
+           "gradient_cache_info", "set_gradient_cache_limit"]
 
 _LOG = logging.getLogger(__name__)
 _PACKAGE = Path(__file__).resolve().parent.parent  # ltkd_kernels/
@@ -376,6 +377,37 @@ def build_info() -> str:
     """How the loaded extension was compiled (SIMD path, lanes, OpenMP) and where it lives."""
     module = _module_or_raise()
     return f"{module.build_info()} {_info['origin']}={_info['path']}"
+
+
+def empty_cache() -> None:
+    """Return the free gradient buffers the C++ backend keeps for reuse to the OS (as
+    ``torch.cuda.empty_cache`` does for CUDA memory). Buffers in live tensors are untouched.
+
+    Why there is a cache: the backward's ``(N, V)`` gradient is a fresh allocation each call,
+    and on a fresh mapping the OS faults and zeroes every page on first write, which at large
+    sizes costs more than the gradient kernel itself. Gradients of 256 KiB and more are taken
+    from a small cache instead: a buffer is reused only after every tensor that referred to it
+    has been freed (normally by the model's backward, before the next step's). At most two free
+    buffers are kept (:func:`set_gradient_cache_limit`; the environment variable
+    ``LTKD_KERNELS_CPU_GRAD_CACHE`` sets the count at start-up, ``0`` turns the cache off).
+    A no-op when the extension is not loaded."""
+    if _module is not None:
+        _module.gradient_cache_release()
+
+
+def gradient_cache_info() -> Dict[str, int]:
+    """The gradient cache's state: ``free_buffers`` and ``free_bytes`` (kept for reuse),
+    ``live_bytes`` (in tensors now), ``hits`` / ``misses`` (requests served from the cache /
+    by a new buffer since start), ``limit`` (most free buffers kept). Loads the extension."""
+    return dict(_module_or_raise().gradient_cache_info())
+
+
+def set_gradient_cache_limit(buffers: int) -> None:
+    """Keep at most ``buffers`` free gradient buffers (``0`` turns the cache off and frees
+    what it holds). Loads the extension."""
+    if isinstance(buffers, bool) or not isinstance(buffers, int) or buffers < 0:
+        raise ValueError(f"buffers must be an int >= 0, got {buffers!r}")
+    _module_or_raise().gradient_cache_set_limit(buffers)
 
 
 def _define_srw_op():

@@ -115,6 +115,11 @@ def _split(args):
 
 def _loss_impl(*args):
     tensors, num_items, cfg, (backend, process_group, vocab_group, global_batchmean) = _split(args)
+    return _forward(tensors, num_items, cfg, backend, process_group, vocab_group, global_batchmean)
+
+
+def _forward(tensors, num_items, cfg, backend, process_group, vocab_group, global_batchmean):
+    """The operator's forward on its arguments in groups: ``(loss, state, extras, saved)``."""
     (student, teacher, topk_indices, topk_logprobs, groups, target, class_weight, mask,
      sample_weight, group_logmass) = tensors
     ops = kernel_module(backend, student.device)
@@ -160,7 +165,11 @@ def _backward_impl(grad_loss, *args):
     tensors = args[:len(_TENSORS)]
     state, extras, saved = args[len(_TENSORS):len(_TENSORS) + 3]
     cfg = GroupedKLConfig(*args[len(_TENSORS) + 3:len(_TENSORS) + 3 + _NUM_CONFIG])
-    backend = args[-1]
+    return _gradient(grad_loss, tensors, state, extras, saved, cfg, args[-1])
+
+
+def _gradient(grad_loss, tensors, state, extras, saved, cfg, backend):
+    """The backward operator on its arguments in groups: the student's gradient."""
     (student, teacher, topk_indices, topk_logprobs, groups, target, class_weight, mask,
      sample_weight, group_logmass) = tensors
     ops = kernel_module(backend, student.device)
@@ -196,40 +205,49 @@ class GroupedKLLoss(torch.autograd.Function):
     """The autograd of ``grouped_kl_loss``: forward is the operator, backward the backward
     operator (one kernel). An ``autograd.Function`` rather than ``register_autograd``: the
     latter re-binds the operator's ~30 schema arguments in Python on every call (about 2 ms
-    per call in torch 2.13); this costs a few microseconds. ``torch.compile`` traces it."""
+    per call in torch 2.13). Its arguments are the eleven tensors and one tuple of the
+    constants, and its one output is the loss (the statistics are saved, not returned): each
+    argument and output costs autograd time per call, which is most of a call at
+    classification sizes. ``torch.compile`` traces it."""
 
     @staticmethod
-    def forward(ctx, *args):
-        if _direct(args[0]):
-            loss, state, extras, saved = _loss_impl(*args)
+    def forward(ctx, student, teacher, topk_indices, topk_logprobs, groups, target,
+                class_weight, mask, sample_weight, group_logmass, num_items, constants):
+        tensors = (student, teacher, topk_indices, topk_logprobs, groups, target, class_weight,
+                   mask, sample_weight, group_logmass)
+        cfg, backend, process_group, vocab_group, global_batchmean = constants
+        if _direct(student):
+            loss, state, extras, saved = _forward(tensors, num_items, cfg, backend,
+                                                  process_group, vocab_group, global_batchmean)
         else:
-            loss, state, extras, saved = torch.ops.ltkd_kernels.grouped_kl_loss(*args)
-        tensors, _, cfg, rest = _split(args)
+            loss, state, extras, saved = torch.ops.ltkd_kernels.grouped_kl_loss(
+                *tensors, num_items, *cfg, backend, process_group, vocab_group, global_batchmean)
         ctx.save_for_backward(*tensors, state, extras, saved)
-        ctx.config = tuple(cfg)
-        ctx.backend = rest[0]
-        ctx.mark_non_differentiable(state, extras, saved)
-        # No zero gradients materialised for the three statistics outputs (three launches).
-        ctx.set_materialize_grads(False)
-        return loss, state, extras, saved
+        ctx.constants = constants
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_state, grad_extras, grad_saved):
-        count = len(_TENSORS) + 1 + _NUM_CONFIG + 4
+    def backward(ctx, grad_loss):
+        nothing = (None,) * 11
         if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * count
-        config = ctx.config
+            return (None,) + nothing
+        cfg, backend = ctx.constants[0], ctx.constants[1]
         if grad_loss.dim() == 1 and grad_loss.numel() > 1 and grad_loss.stride(0) == 0:
             # The expanded gradient of rows.sum(): the same upstream for every row is the "sum"
             # reduction's backward with one scalar (a view, no copy).
             grad_loss = grad_loss[0]
-            config = tuple(REDUCE_SUM if name == "reduction" else value
-                           for name, value in zip(_CONFIG_FIELDS, config))
+            cfg = cfg._replace(reduction=REDUCE_SUM)
         elif grad_loss.dim() == 1 and grad_loss.numel() > 1 and grad_loss.stride(0) != 1:
             grad_loss = grad_loss.contiguous()
-        op = _backward_impl if _direct(grad_loss) else torch.ops.ltkd_kernels.grouped_kl_loss_backward
-        grad_student = op(grad_loss, *ctx.saved_tensors, *config, ctx.backend)
-        return (grad_student,) + (None,) * (count - 1)
+        saved_tensors = ctx.saved_tensors
+        if _direct(grad_loss):
+            tensors = saved_tensors[:len(_TENSORS)]
+            state, extras, saved = saved_tensors[len(_TENSORS):]
+            grad_student = _gradient(grad_loss, tensors, state, extras, saved, cfg, backend)
+        else:
+            grad_student = torch.ops.ltkd_kernels.grouped_kl_loss_backward(
+                grad_loss, *saved_tensors, *cfg, backend)
+        return (grad_student,) + nothing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,11 +300,10 @@ def grouped_kl_loss(student: Tensor, teacher: Optional[Tensor], topk_indices: Op
                     process_group: str = "", vocab_process_group: str = "",
                     global_batchmean: bool = False) -> Tensor:
     """The loss (float32; ``(N,)`` for ``REDUCE_NONE``), differentiable in ``student``."""
-    loss, _, _, _ = GroupedKLLoss.apply(
+    return GroupedKLLoss.apply(
         student, teacher, topk_indices, topk_logprobs, groups, target, class_weight, mask,
-        sample_weight, group_logmass, num_items, *cfg, backend, process_group,
-        vocab_process_group, global_batchmean)
-    return loss
+        sample_weight, group_logmass, num_items,
+        (cfg, backend, process_group, vocab_process_group, global_batchmean))
 
 
 def group_logsumexp(logits: Tensor, groups: Tensor, num_groups: int, temperature: float,
