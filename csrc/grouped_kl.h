@@ -172,9 +172,10 @@ FinishInputs prepare_finish_inputs(const at::Tensor& state, const at::Tensor& ex
 std::vector<uint8_t> row_validity(int64_t rows, const std::optional<at::Tensor>& mask,
                                   const std::optional<at::Tensor>& target, int64_t ignore_index);
 
-// Top-k indices of one row: each in [-1, bound) and no class twice. `scratch` holds a copy.
+// Top-k indices of one row: each in [-1, bound) and no class twice. `seen`: a bitmap of
+// (bound + 63) / 64 words, all zero (sized on first use; left all zero).
 bool topk_row_ok(const View& indices, int64_t row, int64_t k, int64_t bound,
-                 std::vector<int64_t>& scratch);
+                 std::vector<uint64_t>& seen);
 
 // Kernels (the entry points of ltkd_cpu.h call these).
 void states_into(const RowInputs& in, float* state, float* extras);

@@ -289,7 +289,7 @@ struct PaddedGradChunk {
 };
 
 // Write the gradient row: chunk(x, t, lw, gid) for every chunk, then fix(col) at the fix-up
-// columns (sorted), block by block, stored in the output's dtype. The fix-ups are applied after
+// columns (grouped by block, blocks ascending), block by block, stored in the output's dtype. The fix-ups are applied after
 // each block's vector loop: a call inside that loop would keep its constants out of registers.
 template <typename Chunk, typename Fix>
 void write_row(const GradContext& ctx, int64_t row, bool teacher, const float* lw_all,
@@ -310,9 +310,15 @@ void write_row(const GradContext& ctx, int64_t row, bool teacher, const float* l
     const float* t = teacher ? in.teacher.block(row, start, n, buffer_t) : x;
     const float* lw = lw_all != nullptr ? lw_all + start : nullptr;
     const float* gid = ids_all != nullptr ? ids_all + start : nullptr;
-    float* out = in_place ? reinterpret_cast<float*>(grad_row) + start : buffer_out;
+    // A streamed block goes straight to memory; a block with fix-ups is formed in the L1 buffer
+    // and then streamed (a plain store into a line just streamed out fetches it back from
+    // memory: ~60 ns per top-k entry, the backward's largest cost at k = 64).
+    const bool fixes_here = next < fixup_count && fixups[next].col < start + n;
+    const bool via_buffer = !in_place || (ctx.stream && fixes_here);
+    float* dest = in_place ? reinterpret_cast<float*>(grad_row) + start : nullptr;
+    float* out = via_buffer ? buffer_out : dest;
     const int64_t full = n / kWidth * kWidth;
-    if (ctx.stream) {
+    if (ctx.stream && !via_buffer) {
       for (int64_t j = 0; j < full; j += kWidth) {
         simd::prefetch(x + j + kPrefetchAhead);
         if (teacher) simd::prefetch(t + j + kPrefetchAhead);
@@ -339,6 +345,9 @@ void write_row(const GradContext& ctx, int64_t row, bool teacher, const float* l
     }
     if (!in_place) {
       store_from_float(out, ctx.grad_dtype, grad_row + start * ctx.grad_element_bytes, n);
+    } else if (via_buffer) {  // streamed: the row's blocks are 64-byte aligned (ctx.stream)
+      for (int64_t j = 0; j < full; j += kWidth) simd::stream_store(dest + j, simd::load(out + j));
+      std::copy(out + full, out + n, dest + full);
     }
   }
 }
@@ -349,8 +358,9 @@ void write_row(const GradContext& ctx, int64_t row, bool teacher, const float* l
 enum class Kind { kDense, kRenormalize, kRestrict, kBucket };
 
 struct RowScratchGrad {
-  std::vector<Fixup> fixups;
-  std::vector<int64_t> index_copy;
+  std::vector<Fixup> fixups, ordered;
+  std::vector<int32_t> block_starts;
+  std::vector<uint64_t> index_seen;
 };
 
 template <int G, bool kTeacher, bool kLogWeight, bool kCrossEntropy, typename Fix>
@@ -417,13 +427,31 @@ struct ZeroChunk {
   }
 };
 
+// Order the fix-ups by block of kBlock columns, blocks ascending: what write_row needs (it
+// applies a block's fix-ups after the block's vector loop, in any order within the block). A
+// counting sort, O(k + V / kBlock), where sorting by column cost ~1 us a row at k = 64.
+void order_by_block(RowScratchGrad& sc, int64_t vocab) {
+  const size_t count = sc.fixups.size();
+  if (count <= 8) {
+    std::sort(sc.fixups.begin(), sc.fixups.end());
+    return;
+  }
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  sc.block_starts.assign(static_cast<size_t>(blocks + 1), 0);
+  for (const Fixup& f : sc.fixups) ++sc.block_starts[static_cast<size_t>(f.col / kBlock) + 1];
+  for (int64_t b = 0; b < blocks; ++b) sc.block_starts[b + 1] += sc.block_starts[b];
+  sc.ordered.resize(count);
+  for (const Fixup& f : sc.fixups) sc.ordered[sc.block_starts[static_cast<size_t>(f.col / kBlock)]++] = f;
+  sc.fixups.swap(sc.ordered);
+}
+
 void grad_row(const GradContext& ctx, int64_t row, const RowCoefficients& c, RowScratchGrad& sc,
               std::atomic<int64_t>& first_bad_row) {
   const RowInputs& in = ctx.in;
   const Options& opt = in.opt;
   const int G = in.G;
   char* grad_row_ptr = ctx.grad + row * in.vocab * ctx.grad_element_bytes;
-  if (in.has_topk && !topk_row_ok(in.topk_indices, row, in.topk, in.index_bound, sc.index_copy)) {
+  if (in.has_topk && !topk_row_ok(in.topk_indices, row, in.topk, in.index_bound, sc.index_seen)) {
     int64_t seen = first_bad_row.load();
     while (row < seen && !first_bad_row.compare_exchange_weak(seen, row)) {
     }
@@ -452,7 +480,7 @@ void grad_row(const GradContext& ctx, int64_t row, const RowCoefficients& c, Row
     for (const Fixup& f : sc.fixups) present = present || f.col == local_target;
     if (!present) sc.fixups.push_back({local_target, -1});
   }
-  std::sort(sc.fixups.begin(), sc.fixups.end());
+  order_by_block(sc, in.vocab);
 
   const float inv_t = in.inv_t;
   auto group_of = [&](int64_t col) -> int {

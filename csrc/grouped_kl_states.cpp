@@ -808,7 +808,8 @@ void two_pass(int G, Models models, const double* student_ref, const Source& sou
       const double reference_s = student_ref != nullptr ? student_ref[k] : ref(t.m_s[k]);
       const double delta = d - (ref(t.m_t[k]) - reference_s);
       t.g[k] += e_t * delta;
-      t.h[k] += e_t * (std::expm1(-delta) + delta);
+      // h (and rest) serve the KL formed below, from this pass's own student sums only.
+      if (own_student) t.h[k] += e_t * (std::expm1(-delta) + delta);
     } else {
       t.rest[k] += e_s;
     }
@@ -834,7 +835,7 @@ void two_pass(int G, Models models, const double* student_ref, const Source& sou
 struct Scratch {
   TwoPassSums sums;
   std::vector<GroupResult> results, entries;
-  std::vector<int64_t> index_copy;
+  std::vector<uint64_t> index_seen;
   std::vector<double> entry_b, entry_a, entry_d, student_ref;
   std::vector<int> entry_group;
   std::vector<uint8_t> entry_valid;
@@ -1101,6 +1102,20 @@ void topk_row(const RowInputs& in, int64_t row, int64_t local_target, bool with_
   double* a = sc.entry_a.data();
   double* d = sc.entry_d.data();
   int* group = sc.entry_group.data();
+  // The entries gather K student logits at scattered columns. RENORMALIZE reads the whole
+  // student row first (its sums), so the gathers then hit the cache; the other rules prefetch
+  // every entry's line before the gathers, so the K misses overlap instead of queueing (a
+  // gather per entry from memory cost ~50 ns an entry, k = 64 at V = 32000 doubled the
+  // forward's time).
+  const bool student_first = in.has_student && opt.topk_rule == kTopkRenormalize;
+  if (student_first) {
+    student_all_classes(in, row, local_target, with_ce, res, ce, sc);
+  } else if (in.has_student) {
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t idx = in.topk_indices.index(row, j);
+      if (idx >= 0) simd::prefetch(in.student.at(row, idx));
+    }
+  }
   for (int64_t j = 0; j < K; ++j) {
     const int64_t idx = in.topk_indices.index(row, j);
     const float lp = static_cast<float>(in.topk_logprobs.real(row, j));
@@ -1159,9 +1174,8 @@ void topk_row(const RowInputs& in, int64_t row, int64_t local_target, bool with_
     bucket_rest(in, row, a, K, with_ce, res, ce, sc);
     return;
   }
-  // RENORMALIZE: the student over all V (its groups); the teacher and g over the entries, g
-  // relative to the all-V student maxima.
-  student_all_classes(in, row, local_target, with_ce, res, ce, sc);
+  // RENORMALIZE: the student over all V (its groups, above); the teacher and g over the
+  // entries, g relative to the all-V student maxima.
   sc.student_ref.resize(static_cast<size_t>(G));
   for (int k = 0; k < G; ++k) {
     // A NaN sum (a NaN or +inf logit) makes the group's max NaN (as torch's amax), so g too.
@@ -1186,7 +1200,7 @@ void states_row(const RowContext& ctx, int64_t row, float* state_row, float* ext
     found = local_target >= 0 && local_target < in.vocab;
   }
   const bool with_ce = opt.with_ce() && in.has_target && in.has_student;
-  if (in.has_topk && !topk_row_ok(in.topk_indices, row, in.topk, in.index_bound, sc.index_copy)) {
+  if (in.has_topk && !topk_row_ok(in.topk_indices, row, in.topk, in.index_bound, sc.index_seen)) {
     int64_t seen = ctx.first_bad_row.load();
     while (row < seen && !ctx.first_bad_row.compare_exchange_weak(seen, row)) {
     }

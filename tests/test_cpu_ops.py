@@ -199,6 +199,34 @@ def test_topk_index_out_of_range_or_repeated(rule, bad):
     _assert_raises_everywhere(inputs, cfg, "topk_indices")
 
 
+@pytest.mark.parametrize("rule", [TOPK_RENORMALIZE, TOPK_RESTRICT, TOPK_BUCKET])
+@pytest.mark.parametrize("size", ["blocks", "streamed"])
+def test_topk_many_entries_across_blocks(rule, size):
+    """Many entries (more than the fix-ups' sort cut-off) in unsorted order over several
+    1024-class blocks, pads in one row, a -inf log-prob in another; "streamed": a gradient
+    large enough for streaming stores (>= 32 MiB, V a multiple of 16), whose blocks with
+    entries are formed in a buffer first. Loss and gradient against the float64 torch form."""
+    rows, vocab, k = (4, 3001, 100) if size == "blocks" else (9, 950272, 64)
+    g = torch.Generator().manual_seed(7)
+    student = torch.randn(rows, vocab, generator=g)
+    teacher = torch.randn(rows, vocab, generator=g) * 2
+    values, indices = torch.log_softmax(teacher, -1).topk(k, -1)
+    order = torch.randperm(k, generator=g)
+    values, indices = values[:, order].contiguous(), indices[:, order].contiguous()
+    indices[1, :7] = -1
+    values[2, 3] = float("-inf")
+    G = 2 if rule == TOPK_BUCKET else 3
+    groups = None if rule == TOPK_BUCKET else torch.randint(0, G, (vocab,), generator=g)
+    cfg = GroupedKLConfig(num_groups=G, topk_rule=rule, temperature=1.0 if rule == TOPK_BUCKET else 2.0,
+                          group_rule=GROUP_CLASS if groups is not None else 0,
+                          rebalance=groups is not None, reduction=REDUCE_SUM)
+    inputs = _inputs(student, None, topk_indices=indices, topk_logprobs=values, groups=groups)
+    got, want = _full(inputs, cfg), _torch_full(inputs, cfg)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
+    scale = want[4].abs().max()
+    torch.testing.assert_close(got[4].double() / scale, want[4] / scale, rtol=0, atol=2e-6)
+
+
 def test_topk_pads_may_repeat():
     """-1 pads (and -inf log-probs) are no entries: repeating them is fine."""
     inputs = _topk_inputs(k=5)
