@@ -156,13 +156,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return py::dict(py::arg("free_buffers") = info.free_buffers,
                         py::arg("free_bytes") = info.free_bytes,
                         py::arg("live_bytes") = info.live_bytes, py::arg("hits") = info.hits,
-                        py::arg("misses") = info.misses, py::arg("limit") = info.limit);
+                        py::arg("misses") = info.misses, py::arg("limit") = info.limit,
+                        py::arg("max_bytes") = info.max_bytes);
       },
       "The gradient cache's state (csrc/gradient_cache.h)");
   m.def("gradient_cache_release", &ltkd::gradient_cache_release,
         "Return the gradient cache's free buffers to the OS");
   m.def("gradient_cache_set_limit", &ltkd::gradient_cache_set_limit,
-        "Keep at most this many free gradient buffers (0 turns the cache off)");
+        "Keep at most this many free gradient buffers (0 turns the cache off) of at most "
+        "max_bytes in all");
   m.def("build_info", &ltkd::build_info, "How the extension was compiled");
   m.def("vector_exp", &ltkd::vector_exp, "The kernels' vectorised exp (for testing)");
 }

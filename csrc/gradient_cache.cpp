@@ -14,6 +14,7 @@ namespace {
 
 constexpr size_t kAlignment = 64;
 constexpr int64_t kDefaultLimit = 2;
+constexpr int64_t kDefaultMaxBytes = int64_t{1} << 30;
 
 struct Buffer {
   void* data;
@@ -30,7 +31,7 @@ int64_t limit_from_environment() {
 
 class GradientCache final : public c10::Allocator {
  public:
-  GradientCache() : limit_(limit_from_environment()) {}
+  GradientCache() : limit_(limit_from_environment()), max_bytes_(kDefaultMaxBytes) {}
 
   c10::DataPtr allocate(size_t bytes) override {
     const c10::Device cpu(c10::DeviceType::CPU);
@@ -52,7 +53,7 @@ class GradientCache final : public c10::Allocator {
   GradientCacheInfo info() {
     std::lock_guard<std::mutex> lock(mutex_);
     return {static_cast<int64_t>(free_.size()), static_cast<int64_t>(free_bytes_),
-            static_cast<int64_t>(live_bytes_), hits_, misses_, limit_};
+            static_cast<int64_t>(live_bytes_), hits_, misses_, limit_, max_bytes_};
   }
 
   int64_t limit() {
@@ -60,11 +61,12 @@ class GradientCache final : public c10::Allocator {
     return limit_;
   }
 
-  void set_limit(int64_t buffers) {
+  void set_limit(int64_t buffers, int64_t max_bytes) {
     std::deque<Buffer*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       limit_ = buffers < 0 ? 0 : buffers;
+      max_bytes_ = max_bytes < 0 ? 0 : max_bytes;
       evict_over_limit(evicted);
     }
     release(evicted);
@@ -105,7 +107,8 @@ class GradientCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       live_bytes_ -= buffer->bytes;
-      if (static_cast<int64_t>(buffer->bytes) >= kMinCachedBytes && limit_ > 0) {
+      if (static_cast<int64_t>(buffer->bytes) >= kMinCachedBytes && limit_ > 0 &&
+          static_cast<int64_t>(buffer->bytes) <= max_bytes_) {
         free_.push_back(buffer);
         free_bytes_ += buffer->bytes;
         evict_over_limit(evicted);
@@ -118,7 +121,8 @@ class GradientCache final : public c10::Allocator {
   }
 
   void evict_over_limit(std::deque<Buffer*>& evicted) {  // mutex_ held
-    while (static_cast<int64_t>(free_.size()) > limit_) {
+    while (static_cast<int64_t>(free_.size()) > limit_ ||
+           static_cast<int64_t>(free_bytes_) > max_bytes_) {
       evicted.push_back(free_.front());
       free_bytes_ -= free_.front()->bytes;
       free_.pop_front();
@@ -159,6 +163,7 @@ class GradientCache final : public c10::Allocator {
   int64_t hits_ = 0;
   int64_t misses_ = 0;
   int64_t limit_;
+  int64_t max_bytes_;
 };
 
 }  // namespace
@@ -176,6 +181,8 @@ GradientCacheInfo gradient_cache_info() { return GradientCache::cache().info(); 
 
 void gradient_cache_release() { GradientCache::cache().release_free(); }
 
-void gradient_cache_set_limit(int64_t buffers) { GradientCache::cache().set_limit(buffers); }
+void gradient_cache_set_limit(int64_t buffers, int64_t max_bytes) {
+  GradientCache::cache().set_limit(buffers, max_bytes);
+}
 
 }  // namespace ltkd

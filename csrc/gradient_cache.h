@@ -11,13 +11,15 @@
 // What it does: gradients of at least kMinCachedBytes come from this allocator. When the last
 // tensor (or view) of such a buffer dies, its storage's deleter returns the buffer here instead
 // of to the OS; a later request of the same byte size takes it back. At most `limit` buffers
-// are kept (default 2: two losses on the same logits hold two gradients at once); the oldest
-// free buffer goes back to the OS beyond that. A buffer is only ever handed out when no tensor
+// are kept (default 2: two losses on the same logits hold two gradients at once) and at most
+// `max_bytes` (default 1 GiB: a buffer held idle between steps adds to the peak of whatever
+// runs then, the model's forward; larger gradients go back to the OS); the oldest free buffer
+// goes back to the OS beyond either. A buffer is only ever handed out when no tensor
 // refers to it (its storage was destroyed), so no two live tensors share memory. The contents of
 // a reused buffer are stale: the gradient kernel writes every element.
 //
-// Memory held while idle: at most `limit` free buffers, each the size of a gradient the process
-// already held at that moment. gradient_cache_release() (ltkd_kernels.cpu.empty_cache()) frees
+// Memory held while idle: at most `limit` free buffers and `max_bytes`, each buffer the size
+// of a gradient the process already held at that moment. gradient_cache_release() (ltkd_kernels.cpu.empty_cache()) frees
 // them; the environment variable LTKD_KERNELS_CPU_GRAD_CACHE=0 (read once) disables the cache.
 // Allocations and frees are reported to torch.profiler's memory profiling like the default CPU
 // allocator's, so tools that measure a call's tensor memory see the gradient as before.
@@ -42,6 +44,7 @@ struct GradientCacheInfo {
   int64_t live_bytes;     // bytes of buffers in tensors now
   int64_t hits, misses;   // requests served from the cache / by a new buffer, since start
   int64_t limit;          // most free buffers kept
+  int64_t max_bytes;      // most free bytes kept
 };
 
 GradientCacheInfo gradient_cache_info();
@@ -49,7 +52,8 @@ GradientCacheInfo gradient_cache_info();
 // Return every free buffer to the OS.
 void gradient_cache_release();
 
-// Keep at most `buffers` free buffers (0: none, the cache is off); frees the excess now.
-void gradient_cache_set_limit(int64_t buffers);
+// Keep at most `buffers` free buffers (0: none, the cache is off) of at most `max_bytes` in
+// all; frees the excess now.
+void gradient_cache_set_limit(int64_t buffers, int64_t max_bytes);
 
 }  // namespace ltkd

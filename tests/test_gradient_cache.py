@@ -96,6 +96,21 @@ def test_at_most_limit_free_buffers_and_empty_cache():
     assert info["free_buffers"] == 0 and info["free_bytes"] == 0
 
 
+def test_byte_limit():
+    size = ROWS * VOCAB * 4
+    cpu.set_gradient_cache_limit(2, max_bytes=size + size // 2)  # room for one buffer
+    grads = [_gradient(i) for i in range(3)]
+    del grads
+    info = cpu.gradient_cache_info()
+    assert (info["free_buffers"], info["free_bytes"], info["max_bytes"]) == (1, size, size + size // 2)
+    cpu.set_gradient_cache_limit(2, max_bytes=size - 1)  # no buffer fits: freed now, never kept
+    assert cpu.gradient_cache_info()["free_buffers"] == 0
+    _gradient(0)
+    assert cpu.gradient_cache_info()["free_buffers"] == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        cpu.set_gradient_cache_limit(2, max_bytes=-1)
+
+
 def test_limit_zero_turns_the_cache_off():
     cpu.set_gradient_cache_limit(0)
     hits = cpu.gradient_cache_info()["hits"]

@@ -388,7 +388,7 @@ def empty_cache() -> None:
     sizes costs more than the gradient kernel itself. Gradients of 256 KiB and more are taken
     from a small cache instead: a buffer is reused only after every tensor that referred to it
     has been freed (normally by the model's backward, before the next step's). At most two free
-    buffers are kept (:func:`set_gradient_cache_limit`; the environment variable
+    buffers and 1 GiB are kept (:func:`set_gradient_cache_limit`; the environment variable
     ``LTKD_KERNELS_CPU_GRAD_CACHE`` sets the count at start-up, ``0`` turns the cache off).
     A no-op when the extension is not loaded."""
     if _module is not None:
@@ -398,16 +398,20 @@ def empty_cache() -> None:
 def gradient_cache_info() -> Dict[str, int]:
     """The gradient cache's state: ``free_buffers`` and ``free_bytes`` (kept for reuse),
     ``live_bytes`` (in tensors now), ``hits`` / ``misses`` (requests served from the cache /
-    by a new buffer since start), ``limit`` (most free buffers kept). Loads the extension."""
+    by a new buffer since start), ``limit`` and ``max_bytes`` (most free buffers and bytes
+    kept). Loads the extension."""
     return dict(_module_or_raise().gradient_cache_info())
 
 
-def set_gradient_cache_limit(buffers: int) -> None:
-    """Keep at most ``buffers`` free gradient buffers (``0`` turns the cache off and frees
-    what it holds). Loads the extension."""
-    if isinstance(buffers, bool) or not isinstance(buffers, int) or buffers < 0:
-        raise ValueError(f"buffers must be an int >= 0, got {buffers!r}")
-    _module_or_raise().gradient_cache_set_limit(buffers)
+def set_gradient_cache_limit(buffers: int, max_bytes: int = 1 << 30) -> None:
+    """Keep at most ``buffers`` free gradient buffers of at most ``max_bytes`` in all (default
+    1 GiB: a buffer held between steps adds to the peak memory of what runs then; larger
+    gradients are returned to the OS). ``buffers=0`` turns the cache off and frees what it
+    holds. Loads the extension."""
+    for name, value in (("buffers", buffers), ("max_bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    _module_or_raise().gradient_cache_set_limit(buffers, max_bytes)
 
 
 def _define_srw_op():
