@@ -294,3 +294,22 @@ def assert_grad_close(grad, grad64, rtol=1e-5):
     err = torch.linalg.vector_norm(grad - grad64).item()
     scale = torch.linalg.vector_norm(grad64).item()
     assert err <= rtol * scale + 1e-12, f"gradient error {err:.3g} vs norm {scale:.3g}"
+
+
+def canonical_state(state, student=True, teacher=True):
+    """What a ``(N, 5, G)`` state means whatever reference point its sums are taken at
+    (docs/design.md: the torch and C++ forms take each group's maximum, the Triton walk may take
+    a larger one): ``(N, 3, G)`` float64 ``[log sum exp b, log sum exp a, E_pT[a - b]]`` per
+    group (``-inf`` for a group with no finite value; the gap mean is ``g`` itself where the
+    teacher's sum is 0, or where the state has only one model: its slots are zeros)."""
+    m_s, s_s, m_t, s_t, g = state.double().unbind(1)
+
+    def ref(m):
+        return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+    lse_s = ref(m_s) + s_s.log()
+    lse_t = ref(m_t) + s_t.log()
+    if not (student and teacher):
+        return torch.stack([lse_s, lse_t, g], 1)
+    gap = torch.where(s_t == 0, g, g / s_t + ref(m_t) - ref(m_s))
+    return torch.stack([lse_s, lse_t, gap], 1)

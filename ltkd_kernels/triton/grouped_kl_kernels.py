@@ -19,24 +19,37 @@ How the states kernel walks a V-slice (the per-element cost is what bounds it):
   ``VEC`` contiguous classes (16 bytes of the widest tensor; bf16 rows as int32 pairs, widened
   by one integer instruction per class) ``UNROLL`` times: 8 classes per lane for a one-group
   walk, 16 for the CLASS walk. A lane keeps, across iterations, its own partial state of every
-  group of the program's chunk (``[GC, LANES]`` registers): the raw maxima of both models and
-  the sums ``sum exp(b - R)``, ``sum exp(a - R')``, ``sum exp(a - R') d`` relative to the
-  lane's running maxima ``R``, ``R'`` over *all* its classes (one ``exp`` per element and model,
-  not one per group). An element updates only its own group's registers: ``where(group == k,
-  ...)`` compiles to a compare and five predicated instructions per group; nothing else
-  depends on G. The lane maxima come from the iteration's tile maximum; when they rise, the
-  sums are rescaled once per iteration. Lanes are merged once per program.
+  group of the program's chunk (``[GC, LANES]`` registers): the raw maxima of both models
+  (up to 4 groups) and the sums ``sum exp(b - R)``, ``sum exp(a - R')``, ``sum exp(a - R') d``
+  relative to the lane's running maxima ``R``, ``R'`` over *all* its classes (one ``exp`` per
+  element and model, not one per group). An element updates only its own group's registers:
+  ``where(group == k, ...)`` compiles to a compare and five predicated instructions per group
+  (about 6 G + 17 per element); nothing else depends on G. With more than 4 groups
+  (``SHARED_WALK``) no per-group maxima are kept: a compare and three predicated sums per
+  group (about 4 G + 20), and two bit masks per lane of the groups it holds, once and more
+  than once. The lane maxima come from the iteration's tile maximum; when they rise, the sums
+  are rescaled once per iteration. Lanes are merged once per program; without per-group
+  maxima each group at the largest lane maximum among the lanes holding it: the state's ``m``
+  is then that reference, not the group's own maximum (docs/design.md allows either).
 - One-group walks (``ONE``; ``TARGET``'s rest; ``BUCKET``'s rest) take every exponent as a
   difference first (``(x - R) c``: exactly 0 at the maximum, so a one-class row has ``s = 1``
   and ``g = 0`` exactly, as in the torch form) and ``d`` relative to the references. The CLASS
   walk takes one FFMA per exponent (its references are shared by the groups, so that
   exactness is not available there anyway) and ``d = a - b``.
 - Shared maxima keep the loop cheap but can make a tail group's sum lose precision or
-  underflow when it lies far below the lane's maximum. After the walk each lane and group is
-  checked: a lane's group maximum more than 50 nats below the lane's, while within 30 nats of
-  the group's maximum over the program (so its terms matter), makes the program walk its slice
-  once more, every element relative to its own group's (now known, exact) maximum. The state
-  written is always the contract's, with each group's own maxima.
+  underflow when it lies far below the lane's maximum. Without per-group maxima, a held group
+  whose merged sum is below ``2^-60`` (or 0, or not finite; likewise a reference or gap that
+  is not finite), or that has a single class in the slice (its probability within the group
+  is then 1 up to a rounding, not up to its distance from the lanes' maxima), makes the
+  program walk its slice again keeping per-group maxima (one class per lane per step); there,
+  a lane's group maximum more than 50 nats below the lane's, while within 30 nats of the
+  group's maximum over the program (so its terms matter), makes it walk the slice a third
+  time, every element relative to its own group's (now known, exact) maximum. A state from
+  such a walk has each group's own maxima. Above ``2^-60`` what a lane dropped or rounded
+  against its larger maximum (below ``2^-126`` of the reference per class) is below
+  ``2^-66`` of the group's sum per class. Cost of the rescue: rows with a group that is
+  all ``-inf`` (or so far below the others, or of one class) read their slice two or three
+  times.
 - More than ``GC = 16`` groups: chunks of 16 groups in separate programs (each reads the slice
   and ignores the other chunks' classes): registers stay bounded for any G up to MAX_GROUPS.
 - Excluded classes: TARGET's target (its group 1 is the rest) and BUCKET's valid top-k entries
@@ -76,6 +89,9 @@ PRONE_LOG2 = tl.constexpr(72.13475204444817)
 # ... and it matters when its maximum is within 30 nats of the group's maximum over the program
 # (beyond, its whole contribution is below 1e-13 relative).
 RELEVANT_LOG2 = tl.constexpr(43.280851226668897)
+# The CLASS walk keeps no per-group maxima: a group's sums at the lanes' shared maxima are
+# trusted when at least 2^-60 (else the slice is walked again with the groups' own maxima).
+SHARED_MIN_SUM = tl.constexpr(8.673617379884035e-19)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +121,21 @@ def _halves(x):
 @triton.jit
 def _max_combine(a, b):
     return tl.maximum(a, b)
+
+
+@triton.jit
+def _held_bits(bits, seen, twice, E: tl.constexpr):
+    """``seen |= bit``, ``twice |= bit`` already in ``seen``, for the ``[LANES, E]`` elements'
+    group bits in turn: ``twice`` marks the groups a lane holds more than once."""
+    if E == 1:
+        b = tl.reshape(bits, [bits.shape[0]])
+        twice = twice | (seen & b)
+        seen = seen | b
+    else:
+        b0, b1 = _halves(bits)
+        seen, twice = _held_bits(b0, seen, twice, E // 2)
+        seen, twice = _held_bits(b1, seen, twice, E // 2)
+    return seen, twice
 
 
 @triton.jit
@@ -224,11 +255,11 @@ def _sum_elems(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX,
                c_s, c_t, inv_t, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
                DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
                CE_SEP: tl.constexpr, EXACT: tl.constexpr, BAD_OR: tl.constexpr,
-               VEC: tl.constexpr):
+               TRACK: tl.constexpr, VEC: tl.constexpr):
     """The elements of a ``[LANES, VEC]`` sub-tile, one at a time. Each raises its own
-    group's maxima (CLASS; raw student ``x``, teacher value ``v``: raw ``t``, or ``a`` with
-    class weights) and adds ``exp(b - R)``, ``exp(a - R')`` and ``exp(a - R') d`` to its own
-    group's sums, ``R``, ``R'`` the lane's running maxima (with ``EXACT`` the element's own
+    group's maxima (CLASS with ``TRACK``; raw student ``x``, teacher value ``v``: raw ``t``, or
+    ``a`` with class weights) and adds ``exp(b - R)``, ``exp(a - R')`` and ``exp(a - R') d`` to
+    its own group's sums, ``R``, ``R'`` the lane's running maxima (with ``EXACT`` the element's own
     group's maxima ``refS``, ``refT``), and ``exp(x - RX)`` to the cross-entropy sum.
 
     One-group walks take every exponent as a difference first (exactly 0 at the maximum: a
@@ -237,7 +268,8 @@ def _sum_elems(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX,
     anyway) takes one FFMA per exponent (``RS``, ``RT``, ``refS``, ``refT`` pre-scaled by
     ``c``) and ``d = a - b``. ``h`` is in raw units (``a``-units with class weights). Group
     ids outside ``[0, G)`` are flagged (``BAD_OR``: the ids' OR is kept, for a power-of-two
-    G). Each group costs a compare and five predicated operations per element."""
+    G). Each group costs a compare and three predicated operations per element (five with
+    ``TRACK``)."""
     if VEC == 1:
         x = tl.reshape(x, [x.shape[0]])
         t = tl.reshape(t, [t.shape[0]])
@@ -250,7 +282,7 @@ def _sum_elems(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX,
                     bad = bad | g
                 else:
                     bad = bad | (g.to(tl.uint32, bitcast=True) >= G).to(tl.int32)
-                if DENSE_S:
+                if DENSE_S and TRACK:
                     mS = tl.where(p, tl.maximum(mS, x[None, :]), mS)
             if EXACT:
                 rS = tl.sum(tl.where(p, refS[:, None], 0.0), axis=0)
@@ -274,7 +306,7 @@ def _sum_elems(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX,
             else:
                 tv = t
             if CLASS:
-                if not EXACT:
+                if (not EXACT) and TRACK:
                     mT = tl.where(p, tl.maximum(mT, tv[None, :]), mT)
                 if EXACT:
                     rT = tl.sum(tl.where(p, refT[:, None], 0.0), axis=0)
@@ -321,11 +353,11 @@ def _sum_elems(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX,
         mS, mT, sS, sT, h, sX, bad = _sum_elems(
             x0, t0, g0, w0, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
             c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR,
-            VEC // 2)
+            TRACK, VEC // 2)
         mS, mT, sS, sT, h, sX, bad = _sum_elems(
             x1, t1, g1, w1, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
             c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR,
-            VEC // 2)
+            TRACK, VEC // 2)
     return mS, mT, sS, sT, h, sX, bad
 
 
@@ -361,11 +393,12 @@ def _excluded_mask(excl_ptr, p, pend, t_local, start, end, offs, EXCL: tl.conste
 
 @triton.jit
 def _dense_step(srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
-                mS, mT, sS, sT, h, LX, LT, LA, sX, bad,
-                gk, live, G, inv_t, c_s, c_t, refS, refT,
+                mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice,
+                gk, live, G, gbase, inv_t, c_s, c_t, refS, refT,
                 CLASS: tl.constexpr, DENSE_S: tl.constexpr, DENSE_T: tl.constexpr,
                 WITH_H: tl.constexpr, HAS_CW: tl.constexpr, CE_SEP: tl.constexpr,
-                EXACT: tl.constexpr, MASKED: tl.constexpr, EXCL: tl.constexpr,
+                EXACT: tl.constexpr, SHARED: tl.constexpr, MASKED: tl.constexpr,
+                EXCL: tl.constexpr,
                 HAS_EX: tl.constexpr, BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr,
                 PAIRS_T: tl.constexpr, FAST: tl.constexpr, E: tl.constexpr):
     """One iteration over the classes ``start + offs3`` (``E`` per lane).
@@ -375,10 +408,19 @@ def _dense_step(srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
     ``LA``, ``sX`` ``[LANES]``: the lane's raw all-class maximum and ``sum exp(x - LA)`` (CE).
     ``ex`` (``HAS_EX``, ``[LANES, E]``): the walk's excluded classes in this block, left out of
     the walked group (``EXCL == 1``: the TARGET rule's target; ``EXCL == 2``: BUCKET's
-    entries, so the walked group is the rest); the cross-entropy always sees every class."""
+    entries, so the walked group is the rest); the cross-entropy always sees every class.
+    ``SHARED`` (CLASS): no per-group maxima (``mS``, ``mT`` stay as given); ``seen``
+    ``[LANES]`` collects bit ``k`` of each group ``gbase + k`` the lane holds, ``twice`` those it
+    holds more than once (ids clamped to bit 31: the bits past the chunk are never read)."""
     LOAD_S: tl.constexpr = DENSE_S or CE_SEP
     x, t, g, lw = _load_tile(srow, trow, groups_ptr, cw_ptr, start, offs3, pair3, hi, LOAD_S,
                              DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S, PAIRS_T, FAST)
+    if SHARED:
+        bit = tl.minimum((g - gbase).to(tl.uint32, bitcast=True), 31)
+        bits = (tl.full(bit.shape, 1, tl.uint32) << bit).to(tl.int32, bitcast=True)
+        if MASKED:
+            bits = tl.where(_lanes(start + offs3 < hi), bits, 0)
+        seen, twice = _held_bits(bits, seen, twice, E)
     # The cross-entropy over every class of the lane, kept at the lane's own maximum.
     CE_APART: tl.constexpr = CE_SEP and ((EXCL != 0) or (not DENSE_S) or EXACT)
     if CE_APART:
@@ -448,20 +490,22 @@ def _dense_step(srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
     CE_IN: tl.constexpr = CE_WITH
     if CE_IN and CLASS:
         RX = _ref(RX * LOG2E)
+    TRACK: tl.constexpr = not SHARED
     mS, mT, sS, sT, h, sX, bad = _sum_elems(
         x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT, c_s, c_t,
-        inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_IN, EXACT, BAD_OR, E)
-    return mS, mT, sS, sT, h, LX, LT, LA, sX, bad
+        inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_IN, EXACT, BAD_OR, TRACK, E)
+    return mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice
 
 
 @triton.jit
 def _dense_pass(srow, trow, groups_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, pend, gbase, G,
                 inv_t, refS, refT, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
                 DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
-                CE_SEP: tl.constexpr, EXACT: tl.constexpr, EXCL: tl.constexpr,
-                BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr, PAIRS_T: tl.constexpr,
-                FAST: tl.constexpr, GC: tl.constexpr, G_LIVE: tl.constexpr, VEC: tl.constexpr,
-                UNROLL: tl.constexpr, LANES: tl.constexpr):
+                CE_SEP: tl.constexpr, EXACT: tl.constexpr, SHARED: tl.constexpr,
+                EXCL: tl.constexpr, BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr,
+                PAIRS_T: tl.constexpr, FAST: tl.constexpr, GC: tl.constexpr,
+                G_LIVE: tl.constexpr, VEC: tl.constexpr, UNROLL: tl.constexpr,
+                LANES: tl.constexpr):
     """Walk classes ``[lo, hi)``: full blocks of ``LANES * VEC * UNROLL`` unmasked, then the
     remainder one masked ``[LANES, VEC]`` sub-tile at a time. With excluded classes (``EXCL``:
     positions ``p0 .. pend`` of an ascending list), the full blocks holding one are left out of
@@ -498,17 +542,19 @@ def _dense_pass(srow, trow, groups_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, p
     LA = tl.full([LANES], float("-inf"), tl.float32)
     sX = tl.zeros([LANES], tl.float32)
     bad = tl.zeros([LANES], tl.int32)
+    seen = tl.zeros([LANES], tl.int32)
+    twice = tl.zeros([LANES], tl.int32)
     no_ex = offs < 0
     # (Non-negative: divided as unsigned, a shift without a sign fix-up to keep alive.)
     nfull = ((hi - lo).to(tl.uint32) // BLOCK).to(tl.int32)
     p = p0
     if EXCL == 0:
         for i in range(0, nfull):
-            mS, mT, sS, sT, h, LX, LT, LA, sX, bad = _dense_step(
+            mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
                 srow, trow, groups_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3, no_ex,
-                mS, mT, sS, sT, h, LX, LT, LA, sX, bad, gk, live, G, inv_t, c_s, c_t, refS, refT,
-                CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, False, EXCL, False,
-                BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
+                mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase, inv_t,
+                c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT,
+                SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
     else:
         blk = 0
         while blk < nfull:
@@ -517,20 +563,20 @@ def _dense_pass(srow, trow, groups_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, p
             nxt = tl.minimum(((tl.maximum(c, lo) - lo).to(tl.uint32) // BLOCK).to(tl.int32),
                              nfull)
             for i in range(blk, nxt):
-                mS, mT, sS, sT, h, LX, LT, LA, sX, bad = _dense_step(
+                mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
                     srow, trow, groups_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3, no_ex,
-                    mS, mT, sS, sT, h, LX, LT, LA, sX, bad, gk, live, G, inv_t, c_s, c_t, refS,
-                    refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, False, EXCL,
-                    False, BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
+                    mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
+                    inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP,
+                    EXACT, SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
             if nxt < nfull:
                 start = lo + nxt * BLOCK
                 ex, p = _excluded_mask(excl_ptr, p, pend, t_local, start, start + BLOCK, offs,
                                        EXCL)
-                mS, mT, sS, sT, h, LX, LT, LA, sX, bad = _dense_step(
+                mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
                     srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
-                    mS, mT, sS, sT, h, LX, LT, LA, sX, bad, gk, live, G, inv_t, c_s, c_t, refS,
-                    refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, False, EXCL,
-                    True, BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
+                    mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
+                    inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP,
+                    EXACT, SHARED, False, EXCL, True, BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
             blk = nxt + 1
     # The remainder, one masked sub-tile at a time (a fraction of the loop's code).
     no_ex_tail = tail < 0
@@ -539,12 +585,12 @@ def _dense_pass(srow, trow, groups_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, p
             ex = no_ex_tail
         else:
             ex, p = _excluded_mask(excl_ptr, p, pend, t_local, start, start + SUB, tail, EXCL)
-        mS, mT, sS, sT, h, LX, LT, LA, sX, bad = _dense_step(
+        mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
             srow, trow, groups_ptr, cw_ptr, start, hi, tail3, tail3, ex,
-            mS, mT, sS, sT, h, LX, LT, LA, sX, bad, gk, live, G, inv_t, c_s, c_t, refS, refT,
-            CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, True, EXCL, EXCL != 0,
-            BAD_OR, False, False, FAST, VEC)
-    return mS, mT, sS, sT, h, LX, LT, LA, sX, bad
+            mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase, inv_t,
+            c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, SHARED,
+            True, EXCL, EXCL != 0, BAD_OR, False, False, FAST, VEC)
+    return mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice
 
 
 @triton.jit
@@ -603,6 +649,24 @@ def _merge_lanes(mS, mT, sS, sT, h, LX, LT, inv_t, CLASS: tl.constexpr, DENSE_S:
                 drift = (RT - rT) * t_scale - (RS - rS) * inv_t
             g = tl.sum(tl.where(dropT, 0.0, (hn + sT * drift) * fT), axis=1)
     return m_s, s_s, m_t, s_t, g, MS, MT, tl.max(tl.max(redo.to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
+def _weak_groups(held, single, live, m_s, s_s, m_t, s_t, g, DENSE_S: tl.constexpr,
+                 DENSE_T: tl.constexpr, WITH_H: tl.constexpr):
+    """Whether a group the program holds has one class only (``single``), a sum below
+    ``2^-60`` (or 0, or NaN) or an infinite reference or gap: states taken at shared
+    references are trusted only without.
+    Above ``2^-60`` the terms a lane dropped or rounded against its larger maximum (each below
+    ``2^-126`` of the reference) are below ``2^-66`` of the group's sum per class."""
+    ok = held == held
+    if DENSE_S:
+        ok = ok & (s_s >= SHARED_MIN_SUM) & (tl.abs(m_s) < float("inf"))
+    if DENSE_T:
+        ok = ok & (s_t >= SHARED_MIN_SUM) & (tl.abs(m_t) < float("inf"))
+        if WITH_H:
+            ok = ok & (tl.abs(g) < float("inf"))
+    return tl.max((held & live & (single | ~ok)).to(tl.int32), axis=0) > 0
 
 
 @triton.jit
@@ -794,6 +858,8 @@ def grouped_kl_states_kernel(
     CLASS_WALK: tl.constexpr = ((GROUP_RULE == GROUP_CLASS) and (TOPK != TOPK_BUCKET)
                                 and (DENSE_S or DENSE_T))
     WITH_H: tl.constexpr = HAS_S and DENSE_T
+    # More than 4 groups: the CLASS walk keeps no per-group maxima in its loop (see above).
+    SHARED_WALK: tl.constexpr = CLASS_WALK and (G_LIVE > 4)
     if TOPK == TOPK_BUCKET:
         EXCL: tl.constexpr = 2
     elif GROUP_RULE == GROUP_TARGET:
@@ -849,16 +915,45 @@ def grouped_kl_states_kernel(
             tl.debug_barrier()
         if RUN_DENSE:
             no_ref = tl.zeros([GC], tl.float32)
-            mS, mT, sS, sT, h, LX, LT, LA, sX, bad_gid = _dense_pass(
+            mS, mT, sS, sT, h, LX, LT, LA, sX, bad_gid, seen, twice = _dense_pass(
                 srow, trow, groups_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend, gbase, G,
                 inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP,
-                False, EXCL, BAD_OR, PAIRS_S, PAIRS_T, FAST, GC, G_LIVE, VEC, UNROLL, LANES)
+                False, SHARED_WALK, EXCL, BAD_OR, PAIRS_S, PAIRS_T, FAST, GC, G_LIVE, VEC, UNROLL,
+                LANES)
             if BAD_OR:
                 bad = bad | (tl.max(bad_gid, axis=0).to(tl.uint32, bitcast=True) >= G)
             else:
                 bad = bad | (tl.max(bad_gid, axis=0) > 0)
+            if SHARED_WALK:
+                # No per-group maxima were kept: a group's reference is the largest running
+                # maximum among the lanes that hold it (its sums are relative to it).
+                gbits = tl.arange(0, GC)[:, None]
+                held = ((seen[None, :] >> gbits) & 1) != 0
+                mS = tl.where(held, LX[None, :], float("-inf"))
+                mT = tl.where(held, LT[None, :], float("-inf"))
             dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
                 mS, mT, sS, sT, h, LX, LT, inv_t, CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW)
+            if SHARED_WALK:
+                lanes_held = tl.sum(held.to(tl.int32), axis=1)
+                repeated = tl.max((((twice[None, :] >> gbits) & 1) != 0).to(tl.int32), axis=1)
+                weak = _weak_groups(lanes_held > 0, (lanes_held == 1) & (repeated == 0),
+                                    tl.arange(0, GC) < G_LIVE, dm_s, ds_s, dm_t, ds_t, dg,
+                                    DENSE_S, DENSE_T, WITH_H)
+                if weak:
+                    # A held group's sum fell below 2^-60 of its reference (it may have lost
+                    # precision, or underflowed to 0: a group far below the others, or one
+                    # with no finite logit), or is not finite, or the group has one class in
+                    # the slice (whose within-group probability must come out 1, as from its
+                    # own maximum): walk the slice again keeping each group's own maxima (one
+                    # class per lane per step: small code).
+                    mS, mT, sS, sT, h, LX, LT, LA2, sX2, bad_gid, seen, twice = _dense_pass(
+                        srow, trow, groups_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend,
+                        gbase, G, inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T, WITH_H,
+                        HAS_CW, False, False, False, EXCL, BAD_OR, False, False, FAST, GC,
+                        G_LIVE, 1, 1, LANES)
+                    dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
+                        mS, mT, sS, sT, h, LX, LT, inv_t, CLASS_WALK, DENSE_S, DENSE_T, WITH_H,
+                        HAS_CW)
             if CLASS_WALK:
                 if redo:
                     # Some lane's sum of a relevant group lost precision against the lane's
@@ -869,11 +964,11 @@ def grouped_kl_states_kernel(
                         c_ta = LOG2E + 0.0 * inv_t
                     else:
                         c_ta = inv_t * LOG2E
-                    mS, mT, sS, sT, h, LX, LT, LA2, sX2, bad_gid = _dense_pass(
+                    mS, mT, sS, sT, h, LX, LT, LA2, sX2, bad_gid, seen, twice = _dense_pass(
                         srow, trow, groups_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend,
                         gbase, G, inv_t, _ref(raw_s * (inv_t * LOG2E)), _ref(raw_t * c_ta),
-                        CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW, False, True, EXCL, BAD_OR,
-                        False, False, FAST, GC, G_LIVE, 1, 1, LANES)
+                        CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW, False, True, False, EXCL,
+                        BAD_OR, False, False, FAST, GC, G_LIVE, 1, 1, LANES)
                     ds_s, ds_t, dg = _merge_lanes_exact(sS, sT, h, dm_s, dm_t, inv_t, DENSE_S,
                                                         DENSE_T, WITH_H, HAS_CW)
             ds_s, ds_t, dg = _scaled_limits(dm_s, ds_s, dm_t, ds_t, dg, DENSE_S, DENSE_T, WITH_H)
