@@ -81,13 +81,15 @@ class LossArguments(NamedTuple):
 
 
 def _rows(x: Tensor) -> Tensor:
-    """``(..., V)`` as ``(N, V)`` rows with unit stride along V (copied only if it must be)."""
-    rows = x.reshape(-1, x.shape[-1])
+    """``(..., V)`` as ``(N, V)`` rows with unit stride along V (copied only if it must be).
+    A 2-D tensor is used as it is: a reshape would still be a view op and, for a student that
+    requires grad, one more autograd node per step."""
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
 def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
-    return None if x is None else x.reshape(-1)
+    return None if x is None else (x if x.dim() == 1 else x.reshape(-1))
 
 
 def check_student(student_logits) -> None:
@@ -268,7 +270,9 @@ def parse_loss_arguments(loss: str, student_logits, teacher_logits, *, groups=No
         if topk_indices.stride(-1) != 1:
             topk_indices = topk_indices.contiguous()
     else:
-        teacher, rest = _rows(teacher_logits.detach()), "renormalize"
+        # (detach only what autograd tracks: detach is itself a dispatched op)
+        teacher = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
+        teacher, rest = _rows(teacher), "renormalize"
         topk_indices = topk_logprobs = group_logmass = None
     return LossArguments(
         loss, leading, student, teacher, topk_indices, topk_logprobs, rest, group_logmass,

@@ -96,7 +96,9 @@ def run_loss(args: LossArguments) -> torch.Tensor:
         args.sample_weight, group_logmass, args.num_items_tensor, config_from_arguments(args),
         args.backend, group_name(args.process_group, "process_group"),
         group_name(args.vocab_process_group, "vocab_process_group"), args.global_batchmean)
-    return loss.reshape(args.leading) if args.reduction == "none" else loss
+    if args.reduction == "none" and loss.shape != args.leading:
+        return loss.reshape(args.leading)
+    return loss
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=1.0, target=None, ignore_index=-100,
