@@ -185,6 +185,17 @@ def test_shared_maxima_walk_one_class_masked_and_empty_groups(ops, temperature):
     assert state[1, 0, 4] == float("-inf") and state[1, 1, 4] == 0
 
 
+@pytest.mark.parametrize("name", ["topk_ltkd", "topk_ltkd_logmass", "ltkd_teacher_within",
+                                  "ltkd_neg_inf"])
+def test_shared_maxima_walk_in_every_configuration(ops, name):
+    """The CLASS walk without per-group maxima (G = 8) under a top-k teacher (the entries'
+    gaps taken at the walk's references), the teacher-weighted within-KL and -inf logits."""
+    case = _case(name)
+    inputs, cfg = make_op_inputs(case._replace(cfg=case.cfg._replace(num_groups=8)), 3, 1031,
+                                 torch.float32)
+    _check_against_torch(ops, inputs, cfg)
+
+
 def test_mixed_dtypes_int64_groups_bool_mask(ops):
     inputs, cfg = make_op_inputs(_case("ltkd_G8_masked_rows"), 4, 1031, torch.float32)
     inputs["student"] = inputs["student"].to(torch.bfloat16)
