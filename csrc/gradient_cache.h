@@ -19,8 +19,9 @@
 // a reused buffer are stale: the gradient kernel writes every element.
 //
 // Memory held while idle: at most `limit` free buffers and `max_bytes`, each buffer the size
-// of a gradient the process already held at that moment. gradient_cache_release() (ltkd_kernels.cpu.empty_cache()) frees
-// them; the environment variable LTKD_KERNELS_CPU_GRAD_CACHE=0 (read once) disables the cache.
+// of a gradient the process already held at that moment. gradient_cache_release()
+// (ltkd_kernels.cpu.empty_cache()) frees them; the environment variable
+// LTKD_KERNELS_CPU_GRAD_CACHE=0 (read once) disables the cache.
 // Allocations and frees are reported to torch.profiler's memory profiling like the default CPU
 // allocator's, so tools that measure a call's tensor memory see the gradient as before.
 #pragma once
