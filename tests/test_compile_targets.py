@@ -23,7 +23,7 @@ recorders, and each recorded launch is typed exactly as the JIT would type it
 
 Run in a subprocess without ``TRITON_INTERPRET`` (two worker processes). The default pytest
 compiles the ``CORE_SITUATIONS`` (every kernel, each main flag, the G <= 3 and G = 8
-budgets) for sm_80 and sm_90; the whole matrix (every situation, three targets, ~100
+budgets, the ordered walk at G = 32) for sm_80 and sm_90; the whole matrix (every situation, three targets, ~100
 launches) is marked ``slow`` (CI runs it: about 15 minutes of CPU cold on 2 cores). Triton
 caches every compiled kernel and this test caches each cubin's ``cuobjdump`` metrics by its
 hash next to Triton's cache: with both warm (kernels unchanged since the last run on the
@@ -52,10 +52,11 @@ BUDGET_ARCH = 90
 # Forward walks measured over their budget, by the number of groups: (lowest G, highest G) ->
 # why. Reported in the table (and in the test's output), not failed.
 KNOWN_OVER_BUDGET: Dict[tuple, str] = {
-    (17, 32): "about 4 G + 20 per chunk of 16 groups, each chunk reading the row: 2 x (4 x 16 + "
-              "23) at G = 32; each group costs a compare and three predicated sums per element "
-              "(the sums of both models and the gap: none can be dropped); meeting 120 needs "
-              "work per element that does not grow with G (not done)",
+    (17, 32): "the CLASS walk: about 4 G + 20 per chunk of 16 groups, each chunk reading the "
+              "row: 2 x (4 x 16 + 23) at G = 32 (a compare and three predicated sums per group "
+              "and element). The launcher takes it only where the ordered walk (flat in G, "
+              "within budget: the 'ordered' rows) would gather more sectors than the CLASS "
+              "walk's two reads of the row: groups interleaved class by class",
 }
 
 
@@ -112,8 +113,12 @@ def _situations():
     def case(cfg, dtype=torch.bfloat16, teacher_dtype=None, topk=0, groups_dtype=torch.int32,
              target=False, mask=None, cw=False, sw=False, glm=False, student=True, n=rows,
              teacher=True, reductions=(REDUCE_MEAN,), partial=False, bp=False, num_items=False,
-             grad=True):
+             grad=True, ordered=False):
         def run():
+            with ops.forced_walk("ordered" if ordered else "class"):
+                walk()
+
+        def walk():
             s = tensor((n, vocab), dtype) if student else None
             t = None
             idx = lp = None
@@ -170,6 +175,14 @@ def _situations():
                                                                  denominator_from_partials=True),
                                                    bp=True, num_items=False)),
         ("ltkd bf16 G=1024", 1024, case(ltkd._replace(num_groups=1024), num_items=True)),
+        ("ltkd bf16 G=8, ordered", 8, case(ltkd._replace(num_groups=8), ordered=True)),
+        ("ltkd bf16 G=32, ordered", 32, case(ltkd._replace(num_groups=32), ordered=True)),
+        ("ltkd fp32 G=32, ordered, within_teacher + CE (T=4)", 32,
+         case(ltkd._replace(num_groups=32, rebalance=False, within_teacher=True, ce_weight=0.5),
+              torch.float32, target=True, ordered=True)),
+        ("ltkd bf16 G=1024, ordered", 1024, case(ltkd._replace(num_groups=1024), ordered=True)),
+        ("topk renormalize ltkd G=32, ordered", 32,
+         case(ltkd._replace(num_groups=32, topk_rule=TOPK_RENORMALIZE), topk=64, ordered=True)),
         ("ltkd bf16 G=3, 8 rows (V-split)", 3, case(ltkd, n=8)),
         ("ltkd bf16 G=3, teacher only", 3, case(ltkd, student=False, grad=False)),
         ("kd bf16 student only (group logsumexp)", 1, case(kd, teacher=False, grad=False)),
@@ -225,7 +238,8 @@ class _Recorder:
 CORE_SITUATIONS = frozenset({
     "kd bf16", "kd fp32", "kd bf16 T=1 + CE, bool mask",
     "bkd bf16 CE, class weights, int mask, sample weights", "dkd bf16", "ltkd bf16 G=3",
-    "ltkd bf16 G=8", "ltkd bf16 G=3, 8 rows (V-split)", "topk bucket kd",
+    "ltkd bf16 G=8", "ltkd bf16 G=32, ordered", "ltkd bf16 G=3, 8 rows (V-split)",
+    "topk bucket kd",
     "topk renormalize ltkd G=3, group_logmass", "srw bf16 D=256", "srw fp16 D=768 mask"})
 CORE_ARCHS = (80, 90)
 
@@ -526,9 +540,13 @@ table: {seconds:.0f} s (2 processes; cached kernels reused).
 Before (the two-op kernels this replaced, same count, from the issue): forward 66 (G = 1), 189
 (G = 3), 420 (G = 8), 3622 (G = 32); backward 54. With per-group maxima in the CLASS walk's
 loop at every G (until 2026-11-27; G <= 4 keep them, about 6 G + 17): 64.8 (G = 8), 256.9
-(G = 32); without them (G > 4) about 4 G + 20. Known
-miss (see `KNOWN_OVER_BUDGET`): G = 17..32 (about 4 G + 20 per chunk of 16 groups, each chunk
-reading the row). One known spill (see `KNOWN_SPILLS`): sm_90, exactly 16 groups, 8 bytes of
+(G = 32); without them (G > 4) about 4 G + 20. The ordered walk (rows marked `ordered`,
+since 2026-11-27: the groups one by one through the class order, the logits gathered) costs
+the same per element for any G; the launcher takes it from 5 groups where its gathers move no
+more sectors than the CLASS walk (docs/design.md). Known miss (see `KNOWN_OVER_BUDGET`): the
+CLASS walk at G = 17..32 (about 4 G + 20 per chunk of 16 groups, each chunk reading the row),
+taken only for groups interleaved so finely that the ordered walk's gathers would cost more
+sectors. One known spill (see `KNOWN_SPILLS`): sm_90, exactly 16 groups, 8 bytes of
 stack (the sm_80 spill of 16-group chunks before 2026-11-27 is gone).
 
 """

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import ltkd_kernels as lk
-from conftest import OP_CASES, canonical_state, make_op_inputs
+from conftest import OP_CASES, OpCase, canonical_state, make_op_inputs
+from ltkd_kernels.ops import class_order
 from ltkd_kernels.ops import grouped_kl_torch as torch_ops
 from ltkd_kernels.ops import launches
 from ltkd_kernels.ops.config import (GROUP_CLASS, GROUP_ONE, GROUP_TARGET, REDUCE_MEAN,
@@ -100,7 +101,11 @@ def test_forced_vocabulary_splits_match_torch(ops, name, splits):
         with launches.counting() as count:
             ops.states(*[inputs[k] for k in STATE_ARGS], cfg)
     assert count["triton:grouped_kl_merge_kernel"] == 1
-    # The merged state equals the unsplit one up to the order of the sums.
+    _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
+
+
+def _assert_merged_is_unsplit(ops, inputs, cfg, state, extras):
+    """The merged state equals the unsplit one up to the order of the sums."""
     with ops.forced_splits(1):
         whole, whole_extras = ops.states(*[inputs[k] for k in STATE_ARGS], cfg)
     torch.testing.assert_close(canonical_state(state), canonical_state(whole), rtol=2e-5,
@@ -214,6 +219,140 @@ def test_teacher_only_and_student_only_states(ops):
         models = dict(student=student is not None, teacher=teacher is not None)
         _assert_close(canonical_state(state, **models), canonical_state(state64, **models),
                       "state", 2e-5, 2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ordered walk: the groups one by one through the class order (ltkd_kernels/ops/class_order.py).
+
+ORDERED_CASES = ["ltkd", "ltkd_G8_masked_rows", "ltkd_G100_empty", "ltkd_neg_inf",
+                 "ltkd_teacher_within", "topk_ltkd", "topk_ltkd_logmass"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4099)], ids=str)
+@pytest.mark.parametrize("name", ORDERED_CASES)
+def test_ordered_walk_matches_torch(ops, name, shape):
+    """Every CLASS-rule configuration walked group by group (forced: the rule would take it
+    only for G >= 5 and groups that gather cheaply) against the float64 torch form."""
+    inputs, cfg = make_op_inputs(_case(name), *shape, torch.float32)
+    if inputs is None:
+        pytest.skip("V too small for the case")
+    with ops.forced_walk("ordered"), launches.counting() as count:
+        _check_against_torch(ops, inputs, cfg)
+    assert count["triton:grouped_kl_states_kernel"] == 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("class_weight", [False, True], ids=["", "class_weight"])
+def test_ordered_walk_with_cross_entropy_and_class_weights(ops, temperature, class_weight):
+    """The cross-entropy extras (T = 1: from the groups' own sums; else each group walk's
+    own, merged over the groups), targets in any group, an ignored row; class weights."""
+    case = OpCase("ltkd_ce", _case("ltkd").cfg._replace(num_groups=8, temperature=temperature,
+                                                         ce_weight=0.5),
+                  target=True, ignore_rows=True, class_weight=class_weight)
+    inputs, cfg = make_op_inputs(case, 4, 1031, torch.float32)
+    with ops.forced_walk("ordered"):
+        _check_against_torch(ops, inputs, cfg)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("name", ["ltkd_G8_masked_rows", "topk_ltkd"])
+def test_ordered_walk_split_over_positions(ops, name, splits):
+    """Slices are ranges of positions of the class order (a group may span slices, a slice
+    many groups); the merged state equals the unsplit one up to the order of the sums."""
+    inputs, cfg = make_op_inputs(_case(name), 2, 4321, torch.float32)
+    with ops.forced_walk("ordered"):
+        with ops.forced_splits(splits):
+            state, extras = _check_against_torch(ops, inputs, cfg)
+        _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
+
+
+def test_ordered_walk_bf16_tail_group_one_class_and_empty_groups(ops):
+    """bf16 logits; a group far below the others (each group is walked at its own maxima:
+    exact at any gap), a one-class group (sums exactly 1, gap 0), empty groups."""
+    cfg = GroupedKLConfig(num_groups=8, temperature=1.0, alpha=0.7, beta=1.3, rebalance=True,
+                          group_rule=GROUP_CLASS)
+    vocab = 1500
+    groups = torch.arange(vocab) % 5                       # groups 5 and 7 empty
+    groups[777] = 6                                        # group 6: one class
+    student = torch.randn(3, vocab) * 2
+    teacher = torch.randn(3, vocab) * 2
+    student[:, groups == 2] -= 400.0
+    teacher[:, groups == 2] -= 403.0
+    inputs = dict(student=student.to(torch.bfloat16), teacher=teacher.to(torch.bfloat16),
+                  topk_indices=None, topk_logprobs=None, groups=groups.to(torch.int32),
+                  target=None, class_weight=None, mask=None, sample_weight=None,
+                  group_logmass=None)
+    with ops.forced_walk("ordered"):
+        state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
+    assert (state[:, 1, 6] == 1).all() and (state[:, 3, 6] == 1).all()
+    assert (state[:, 4, 6] == 0).all()
+    assert state[:, 0, [5, 7]].eq(float("-inf")).all() and state[:, 1, [5, 7]].eq(0).all()
+
+
+@pytest.mark.parametrize("bad_id", [8, -1, 2 ** 31 - 1])
+def test_ordered_walk_bad_group_id_gives_nan_rows(ops, bad_id):
+    student, teacher = torch.randn(3, 50), torch.randn(3, 50)
+    groups = torch.randint(8, (50,))
+    groups[17] = bad_id
+    cfg = GroupedKLConfig(num_groups=8, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS,
+                          reduction=REDUCE_NONE)
+    with ops.forced_walk("ordered"):
+        loss, state, _, _ = ops.loss_forward(student, teacher, None, None, groups, None, None,
+                                             None, None, None, None, cfg)
+    assert torch.isnan(state).all() and torch.isnan(loss).all()
+
+
+def test_stale_class_order_gives_nan_rows_not_a_wrong_loss(ops):
+    """A write that bypasses the version counter leaves the attached order stale: every class
+    is checked against its position's group, so the rows are NaN, never a wrong value."""
+    student, teacher = torch.randn(2, 300), torch.randn(2, 300)
+    groups = torch.arange(300, dtype=torch.int32) // 50          # ranges: the order is taken
+    cfg = GroupedKLConfig(num_groups=6, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
+    assert class_order.remember(groups, 6) is not None
+    args = (student, teacher, None, None, groups, None, None, None)
+    with launches.counting():
+        fresh, _ = ops.states(*args, cfg)
+    assert torch.isfinite(fresh).all()
+    groups.data[[3, 170]] = groups.data[[170, 3]].clone()       # not seen by _version
+    assert class_order.cached(groups, 6) is not None
+    stale, _ = ops.states(*args, cfg)
+    assert torch.isnan(stale).all()
+
+
+def test_class_order_and_its_sectors():
+    groups = torch.tensor([2, 0, 2, 1, 0, 2, 2, 0], dtype=torch.int32)
+    order = class_order.build(groups, 4)
+    assert order.order.tolist() == [1, 4, 7, 3, 0, 2, 5, 6]
+    assert order.bounds.tolist() == [0, 3, 4, 8, 8]               # group 3 empty
+    ranges = torch.arange(4096) * 8 // 4096                       # 8 ranges of 512 classes
+    assert class_order.build(ranges, 8).sectors == {2: 1.0, 4: 1.0}
+    drawn = torch.randint(32, (1 << 16,), generator=torch.Generator().manual_seed(0))
+    expected = 32 * (1 - (31 / 32) ** 16)                          # bf16: 16 classes a sector
+    assert abs(class_order.build(drawn, 32).sectors[2] - expected) < 0.05 * expected
+
+
+@pytest.mark.parametrize("layout, dtype, ordered", [
+    ("ranges", torch.bfloat16, True), ("ranges", torch.float32, True),
+    ("drawn", torch.bfloat16, False), ("two_per_sector", torch.float32, False),
+    ("ranges_G4", torch.bfloat16, False)])
+def test_the_rule_takes_the_ordered_walk_where_it_gathers_cheaply(ops, layout, dtype, ordered):
+    """From 5 groups, when the gathers touch at most 1.25 sectors per sector of a row (or no
+    more than the CLASS walk's reads of it); the loss through the API remembers the order."""
+    vocab = 2048
+    num_groups = 4 if layout == "ranges_G4" else 8
+    if layout.startswith("ranges"):
+        groups = torch.arange(vocab) * num_groups // vocab
+    elif layout == "drawn":
+        groups = torch.randint(num_groups, (vocab,))
+    else:
+        groups = (torch.arange(vocab) // 4) % num_groups          # 4 fp32 classes: 2 a sector
+    student, teacher = torch.randn(2, vocab).to(dtype), torch.randn(2, vocab).to(dtype)
+    loss = lk.ltkd_loss(student, teacher, groups, num_groups=num_groups, backend="triton")
+    expected = lk.ltkd_loss(student.double(), teacher.double(), groups, num_groups=num_groups,
+                            backend="torch")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    cfg = GroupedKLConfig(num_groups=num_groups, group_rule=GROUP_CLASS)
+    assert (ops._class_order(cfg, groups, student, teacher, False) is not None) == ordered
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 ``states``, ``finish``, ``grad`` and ``loss_forward`` take exactly the arguments of
 :mod:`ltkd_kernels.ops.grouped_kl_torch` (the executable specification they are tested
 against). A launcher only reads shapes, dtypes and strides, allocates, picks the
-specialisation and the grid, and launches: no host synchronisation, no torch arithmetic.
+specialisation and the grid, and launches: no host synchronisation, no torch arithmetic
+(but for ``forced_walk("ordered")`` on groups without an attached class order: tests).
 
 Launches: ``states`` is one kernel, plus the slice merge when rows are split over the
 vocabulary; ``finish`` and ``grad`` are one each. ``loss_forward`` is ``states`` + ``finish``
@@ -23,6 +24,13 @@ How blocks and warps are chosen (the rule, no autotuning):
   state per lane; the ``CLASS`` rule keeps ``GC = next_pow2(G)`` per lane up to
   ``GROUP_CHUNK = 16`` groups (``G_LIVE = G`` up to 8: the dead columns of a power of two cost
   nothing), and chunks of 16 groups in separate programs beyond.
+- The ordered walk (``ORDER``, docs/design.md): from 5 groups, when the groups tensor carries
+  its class order (``ltkd_kernels/ops/class_order.py``) and the order's gathers touch at most
+  ``ORDER_MAX_SECTORS`` sectors per sector of a row, or no more than the CLASS walk's reads of
+  it (one per chunk). One state per lane, one class per lane per load (``ORDER_VEC = 1``: a
+  wider load of the order would need a layout conversion of every gathered tile), 8 per lane
+  per iteration; one program per (row, slice) for any G. ``walk_override`` (module setting,
+  or the :func:`forced_walk` context) forces the walk.
 - bf16 rows with an even row stride are read as int32 pairs (``PAIRS_*``); on a GPU the class
   weights' log is the hardware approximation (``FAST``; the interpreter keeps ``tl.log``).
 - The gradient kernel is compiled without FMA contraction (``enable_fp_fusion=False``): its
@@ -58,6 +66,7 @@ from ..ops.config import (
     TOPK_RESTRICT,
     GroupedKLConfig,
 )
+from ..ops import class_order as _orders
 from . import grouped_kl_kernels as _k
 
 NUM_WARPS = 4
@@ -70,6 +79,10 @@ MIN_SLICE_BLOCKS = 4
 PROGRAMS_PER_SM = 4
 FINISH_TILE = 1024
 MERGE_BLOCK_G = 1024
+# The ordered walk is taken when its gathers touch at most this many sectors per sector of a
+# row, or no more than the CLASS walk's reads of the row (one per chunk of groups).
+ORDER_MAX_SECTORS = 1.25
+ORDER_VEC = 1
 
 def _launch(kernel, grid, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``, counted by :mod:`ltkd_kernels.ops.launches`."""
@@ -83,6 +96,8 @@ def _launch(kernel, grid, *args, **meta) -> None:
 
 # Forces the number of V-slices per row (tests); None: the rule above.
 split_override: Optional[int] = None
+# Forces the CLASS rule's walk (tests): "ordered", "class", or None: the rule above.
+walk_override: Optional[str] = None
 
 
 @contextlib.contextmanager
@@ -94,6 +109,18 @@ def forced_splits(count: Optional[int]) -> Iterator[None]:
         yield
     finally:
         split_override = previous
+
+
+@contextlib.contextmanager
+def forced_walk(name: Optional[str]) -> Iterator[None]:
+    """``with forced_walk("ordered"): ...`` walks every CLASS-rule row group by group through
+    the class order (built on the spot when none is attached); ``"class"`` never does."""
+    global walk_override
+    previous, walk_override = walk_override, name
+    try:
+        yield
+    finally:
+        walk_override = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,9 +164,11 @@ def _group_layout(cfg: GroupedKLConfig):
 
 def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, cw_dtype,
                 has_topk: bool, has_target: bool, has_mask: bool, topk_k: int = 0,
-                pairs_s: bool = False, pairs_t: bool = False) -> Dict:
+                pairs_s: bool = False, pairs_t: bool = False, ordered: bool = False) -> Dict:
     """``(constexprs and warps of grouped_kl_states_kernel, chunks of groups)`` for these
-    inputs (dtypes and flags only: shared with the compile test's listing)."""
+    inputs (dtypes and flags only: shared with the compile test's listing). ``ordered``: the
+    CLASS rule's groups walked one by one through the class order (when the walk is a CLASS
+    walk at all)."""
     gc, live, block_g, chunks = _group_layout(cfg)
     has_s = student_dtype is not None
     dense_t = teacher_dtype is not None and not has_topk
@@ -147,6 +176,18 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
     with_ce = cfg.with_ce and has_target and has_s
     dense_s = has_s and topk != TOPK_RESTRICT
     class_walk = cfg.group_rule == GROUP_CLASS and topk != TOPK_BUCKET and (dense_s or dense_t)
+    if class_walk and ordered:
+        # One group at a time: one state per lane; the classes are gathered (one load per
+        # class; the order's positions load 16 bytes at a time).
+        ce_sep = with_ce and (cfg.temperature != 1.0 or not dense_s)
+        return dict(GROUP_RULE=cfg.group_rule, TOPK=topk, HAS_S=has_s, DENSE_T=dense_t,
+                    HAS_TARGET=has_target, WITH_CE=with_ce, CE_SEP=ce_sep,
+                    HAS_CW=cw_dtype is not None, HAS_MASK=has_mask, GC=1, G_LIVE=1,
+                    VEC=ORDER_VEC, UNROLL=max(1, CLASSES_PER_LANE // ORDER_VEC),
+                    BLOCK_K=triton.next_power_of_2(max(topk_k, 1)),
+                    BLOCK_G=triton.next_power_of_2(cfg.num_groups), BAD_OR=False,
+                    PAIRS_S=False, PAIRS_T=False, FAST=not _interpreted(), ORDER=True,
+                    LANES=LANES, num_warps=NUM_WARPS), 1
     # The CE sums come from the groups' own when the student's groups cover every class at
     # T = 1 exactly; else each element adds its own exp (BUCKET's rest leaves the entries out).
     ce_sep = with_ce and (cfg.temperature != 1.0 or not dense_s or chunks > 1
@@ -165,7 +206,25 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                 VEC=vec, UNROLL=unroll,
                 BLOCK_K=triton.next_power_of_2(max(topk_k, 1)), BLOCK_G=block_g, BAD_OR=bad_or,
                 PAIRS_S=pairs_s and (dense_s or ce_sep), PAIRS_T=pairs_t and dense_t,
-                FAST=not _interpreted(), LANES=LANES, num_warps=NUM_WARPS), chunks
+                FAST=not _interpreted(), ORDER=False, LANES=LANES, num_warps=NUM_WARPS), chunks
+
+
+def _class_order(cfg: GroupedKLConfig, groups, student, teacher, has_topk: bool):
+    """The class order the states walk takes (None: the CLASS walk): see ORDER_MAX_SECTORS."""
+    if groups is None or cfg.group_rule != GROUP_CLASS or walk_override == "class":
+        return None
+    if has_topk and cfg.topk_rule == TOPK_BUCKET:
+        return None
+    G = cfg.num_groups
+    found = _orders.cached(groups, G)
+    if walk_override == "ordered":
+        return found if found is not None else _orders.build(groups, G, with_sectors=False)
+    if found is None or G < _orders.ORDER_MIN_GROUPS or not found.sectors:
+        return None
+    itemsize = max(_itemsize(_dtype(student)), _itemsize(None if has_topk else _dtype(teacher)))
+    reads = _group_layout(cfg)[3]
+    ratio = found.sectors.get(itemsize)
+    return found if ratio is not None and ratio <= max(ORDER_MAX_SECTORS, reads) else None
 
 
 def merge_meta(cfg: GroupedKLConfig) -> Dict:
@@ -254,9 +313,13 @@ def states(student, teacher, topk_indices, topk_logprobs, groups, target, class_
         return state, extras
     has_topk = cfg.topk_rule != TEACHER_DENSE and topk_indices is not None
     k = topk_indices.shape[1] if has_topk else 0
+    order = _class_order(cfg, groups, student, teacher, has_topk)
     meta, chunks = states_meta(cfg, _dtype(student), _dtype(teacher), _dtype(groups),
                                _dtype(class_weight), has_topk, target is not None,
-                               mask is not None, k, _pairs(student), _pairs(teacher))
+                               mask is not None, k, _pairs(student), _pairs(teacher),
+                               order is not None)
+    if not meta["ORDER"]:
+        order = None
     block = LANES * meta["VEC"] * meta["UNROLL"]
     num_splits, slice_len = _splits(rows, vocab, block, device)
     if num_splits > 1:
@@ -272,7 +335,8 @@ def states(student, teacher, topk_indices, topk_logprobs, groups, target, class_
     _launch(_k.grouped_kl_states_kernel, (rows * num_splits * chunks,),
         dummy if student is None else student, dummy if teacher is None else teacher,
         topk_indices if has_topk else dummy, topk_logprobs if has_topk else dummy,
-        dummy if groups is None else groups, dummy if target is None else target,
+        dummy if groups is None else groups, dummy if order is None else order.order,
+        dummy if order is None else order.bounds, dummy if target is None else target,
         dummy if class_weight is None else class_weight, dummy if mask is None else mask,
         out_state, out_extras, excl,
         rows, vocab, k, G, _stride(student), _stride(teacher),
@@ -360,4 +424,5 @@ def loss_forward(student, teacher, topk_indices, topk_logprobs, groups, target, 
 
 
 __all__ = ["states", "finish", "grad", "loss_forward", "forced_splits", "split_override",
+           "forced_walk", "walk_override",
            "states_meta", "finish_meta", "grad_meta", "merge_meta"]

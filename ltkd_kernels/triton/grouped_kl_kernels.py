@@ -52,6 +52,10 @@ How the states kernel walks a V-slice (the per-element cost is what bounds it):
   times.
 - More than ``GC = 16`` groups: chunks of 16 groups in separate programs (each reads the slice
   and ignores the other chunks' classes): registers stay bounded for any G up to MAX_GROUPS.
+- ``ORDER`` (the ordered walk, docs/design.md): the CLASS rule's groups one at a time, each a
+  one-group walk over its positions of the class order (the classes sorted by group), the
+  logits gathered; work per element flat in G, each group's state at its own maxima. Every
+  gathered class's group id is compared with the walked group (a stale order, a bad id: NaN).
 - Excluded classes: TARGET's target (its group 1 is the rest) and BUCKET's valid top-k entries
   (its group 1 is the classes off the entries, summed directly). The full blocks holding one
   are left out of the fast loop and walked with masks; the fast loop has no per-element test.
@@ -203,17 +207,26 @@ def _load_bf16_pairs(row, start, pair3):
 
 
 @triton.jit
-def _load_tile(srow, trow, groups_ptr, cw_ptr, start, offs3, pair3, hi,
+def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi, gbase,
                LOAD_S: tl.constexpr, DENSE_T: tl.constexpr, CLASS: tl.constexpr,
                HAS_CW: tl.constexpr, MASKED: tl.constexpr, PAIRS_S: tl.constexpr,
-               PAIRS_T: tl.constexpr, FAST: tl.constexpr):
+               PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr):
     """One iteration's classes ``start + offs3`` (``[UNROLL, LANES, VEC]``), as
     ``[LANES, E]`` tiles: raw student ``x``, raw teacher ``t`` (``-inf`` past ``hi``), group ids
     ``g``, log class weights ``lw``. Unused ones are placeholders the compiler drops.
-    ``PAIRS_*``: bf16 rows read as int32 pairs (unmasked tiles only)."""
+    ``PAIRS_*``: bf16 rows read as int32 pairs (unmasked tiles only). ``ORDER``: the positions
+    are positions of the class order (the classes sorted by group): the classes are
+    ``order[start + offs3]`` (gathered), and ``g`` is their group ids (``gbase`` past ``hi``)."""
     offs = start + offs3
     if MASKED:
         inside = offs < hi
+    if ORDER:
+        # (the scalar start first: the positions are then constant offsets from one address)
+        positions = (order_ptr + start) + offs3
+        if MASKED:
+            offs = tl.load(positions, mask=inside, other=0)
+        else:
+            offs = tl.load(positions)
     if LOAD_S:
         if MASKED:
             x = _lanes(tl.load(srow + offs, mask=inside, other=float("-inf")).to(tl.float32))
@@ -232,7 +245,12 @@ def _load_tile(srow, trow, groups_ptr, cw_ptr, start, offs3, pair3, hi,
             t = _lanes(tl.load(trow + offs).to(tl.float32))
     else:
         t = x
-    if CLASS:
+    if ORDER:
+        if MASKED:
+            g = _lanes(tl.load(groups_ptr + offs, mask=inside, other=gbase).to(tl.int32))
+        else:
+            g = _lanes(tl.load(groups_ptr + offs).to(tl.int32))
+    elif CLASS:
         if MASKED:
             g = _lanes(tl.load(groups_ptr + offs, mask=inside, other=0).to(tl.int32))
         else:
@@ -392,7 +410,7 @@ def _excluded_mask(excl_ptr, p, pend, t_local, start, end, offs, EXCL: tl.conste
 
 
 @triton.jit
-def _dense_step(srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
+def _dense_step(srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pair3, ex,
                 mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice,
                 gk, live, G, gbase, inv_t, c_s, c_t, refS, refT,
                 CLASS: tl.constexpr, DENSE_S: tl.constexpr, DENSE_T: tl.constexpr,
@@ -400,7 +418,8 @@ def _dense_step(srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
                 EXACT: tl.constexpr, SHARED: tl.constexpr, MASKED: tl.constexpr,
                 EXCL: tl.constexpr,
                 HAS_EX: tl.constexpr, BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr,
-                PAIRS_T: tl.constexpr, FAST: tl.constexpr, E: tl.constexpr):
+                PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
+                E: tl.constexpr):
     """One iteration over the classes ``start + offs3`` (``E`` per lane).
 
     Lane state: ``mS``, ``mT`` ``[GC, LANES]`` raw group maxima; ``sS``, ``sT``, ``h``
@@ -411,10 +430,15 @@ def _dense_step(srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
     entries, so the walked group is the rest); the cross-entropy always sees every class.
     ``SHARED`` (CLASS): no per-group maxima (``mS``, ``mT`` stay as given); ``seen``
     ``[LANES]`` collects bit ``k`` of each group ``gbase + k`` the lane holds, ``twice`` those it
-    holds more than once (ids clamped to bit 31: the bits past the chunk are never read)."""
+    holds more than once (ids clamped to bit 31: the bits past the chunk are never read).
+    ``ORDER`` (a one-group walk over positions of the class order, the walked group ``gbase``):
+    a class whose id is not ``gbase`` (a stale order, or a bad id) sets ``bad``."""
     LOAD_S: tl.constexpr = DENSE_S or CE_SEP
-    x, t, g, lw = _load_tile(srow, trow, groups_ptr, cw_ptr, start, offs3, pair3, hi, LOAD_S,
-                             DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S, PAIRS_T, FAST)
+    x, t, g, lw = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi,
+                             gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S, PAIRS_T,
+                             FAST, ORDER)
+    if ORDER:
+        bad = bad | tl.max((g != gbase).to(tl.int32), axis=1)
     if SHARED:
         bit = tl.minimum((g - gbase).to(tl.uint32, bitcast=True), 31)
         bits = (tl.full(bit.shape, 1, tl.uint32) << bit).to(tl.int32, bitcast=True)
@@ -498,18 +522,20 @@ def _dense_step(srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
 
 
 @triton.jit
-def _dense_pass(srow, trow, groups_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, pend, gbase, G,
-                inv_t, refS, refT, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
+def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, pend,
+                gbase, G, inv_t, refS, refT, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
                 DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
                 CE_SEP: tl.constexpr, EXACT: tl.constexpr, SHARED: tl.constexpr,
                 EXCL: tl.constexpr, BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr,
-                PAIRS_T: tl.constexpr, FAST: tl.constexpr, GC: tl.constexpr,
-                G_LIVE: tl.constexpr, VEC: tl.constexpr, UNROLL: tl.constexpr,
-                LANES: tl.constexpr):
+                PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
+                GC: tl.constexpr, G_LIVE: tl.constexpr, VEC: tl.constexpr,
+                UNROLL: tl.constexpr, LANES: tl.constexpr):
     """Walk classes ``[lo, hi)``: full blocks of ``LANES * VEC * UNROLL`` unmasked, then the
     remainder one masked ``[LANES, VEC]`` sub-tile at a time. With excluded classes (``EXCL``:
     positions ``p0 .. pend`` of an ascending list), the full blocks holding one are left out of
-    the fast loop and taken with masks. Returns the lane state (see :func:`_dense_step`)."""
+    the fast loop and taken with masks. ``ORDER``: ``[lo, hi)`` are positions of the class order
+    (one group's classes, see :func:`_load_tile`). Returns the lane state (see
+    :func:`_dense_step`)."""
     SUB: tl.constexpr = LANES * VEC
     BLOCK: tl.constexpr = SUB * UNROLL
     E: tl.constexpr = VEC * UNROLL
@@ -551,10 +577,10 @@ def _dense_pass(srow, trow, groups_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, p
     if EXCL == 0:
         for i in range(0, nfull):
             mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
-                srow, trow, groups_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3, no_ex,
-                mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase, inv_t,
-                c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT,
-                SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
+                srow, trow, groups_ptr, order_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3,
+                no_ex, mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
+                inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT,
+                SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, FAST, ORDER, E)
     else:
         blk = 0
         while blk < nfull:
@@ -564,19 +590,19 @@ def _dense_pass(srow, trow, groups_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, p
                              nfull)
             for i in range(blk, nxt):
                 mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
-                    srow, trow, groups_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3, no_ex,
-                    mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
+                    srow, trow, groups_ptr, order_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3,
+                    no_ex, mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
                     inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP,
-                    EXACT, SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
+                    EXACT, SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, FAST, ORDER, E)
             if nxt < nfull:
                 start = lo + nxt * BLOCK
                 ex, p = _excluded_mask(excl_ptr, p, pend, t_local, start, start + BLOCK, offs,
                                        EXCL)
                 mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
-                    srow, trow, groups_ptr, cw_ptr, start, hi, offs3, pair3, ex,
+                    srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pair3, ex,
                     mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
                     inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP,
-                    EXACT, SHARED, False, EXCL, True, BAD_OR, PAIRS_S, PAIRS_T, FAST, E)
+                    EXACT, SHARED, False, EXCL, True, BAD_OR, PAIRS_S, PAIRS_T, FAST, ORDER, E)
             blk = nxt + 1
     # The remainder, one masked sub-tile at a time (a fraction of the loop's code).
     no_ex_tail = tail < 0
@@ -586,10 +612,10 @@ def _dense_pass(srow, trow, groups_ptr, cw_ptr, excl_ptr, lo, hi, t_local, p0, p
         else:
             ex, p = _excluded_mask(excl_ptr, p, pend, t_local, start, start + SUB, tail, EXCL)
         mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
-            srow, trow, groups_ptr, cw_ptr, start, hi, tail3, tail3, ex,
+            srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, tail3, tail3, ex,
             mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase, inv_t,
             c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, SHARED,
-            True, EXCL, EXCL != 0, BAD_OR, False, False, FAST, VEC)
+            True, EXCL, EXCL != 0, BAD_OR, False, False, FAST, ORDER, VEC)
     return mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice
 
 
@@ -714,6 +740,20 @@ def _scaled_limits(m_s, s_s, m_t, s_t, g, DENSE_S: tl.constexpr, DENSE_T: tl.con
 
 
 @triton.jit
+def _put_column(col, dm_s, ds_s, dm_t, ds_t, dg, m_s, s_s, m_t, s_t, g, DENSE_S: tl.constexpr,
+                DENSE_T: tl.constexpr):
+    """A one-group walk's merged state (``[1]`` each) into column ``col`` of the row's."""
+    if DENSE_S:
+        m_s = tl.where(col, tl.max(dm_s, axis=0), m_s)
+        s_s = tl.where(col, tl.sum(ds_s, axis=0), s_s)
+    if DENSE_T:
+        m_t = tl.where(col, tl.max(dm_t, axis=0), m_t)
+        s_t = tl.where(col, tl.sum(ds_t, axis=0), s_t)
+        g = tl.where(col, tl.sum(dg, axis=0), g)
+    return m_s, s_s, m_t, s_t, g
+
+
+@triton.jit
 def _merge_lanes_single(LX, sX):
     """Lanes -> ``(max, sum exp(x - ref(max)))`` of the cross-entropy sums ``sX`` kept at the
     lanes' own raw maxima ``LX``."""
@@ -798,6 +838,8 @@ def grouped_kl_states_kernel(
     topk_idx_ptr,     # (N, K) int32/int64 top-k class indices, unit stride along K (TOPK >= 0)
     topk_lp_ptr,      # (N, K) float top-k teacher log-probs, unit stride along K (TOPK >= 0)
     groups_ptr,       # (V,) int32/int64 group of each class (GROUP_RULE == CLASS)
+    order_ptr,        # (V,) int32 the classes sorted by group, ascending within a group (ORDER)
+    bounds_ptr,       # (G + 1,) int32: group k's classes are order[bounds[k]:bounds[k + 1]]
     target_ptr,       # (N,) int32/int64 target class of each row, global id (HAS_TARGET)
     cw_ptr,           # (V,) float class weights w, a = z^T / T + log w (HAS_CW)
     mask_ptr,         # (N,) bool/int row mask, nonzero = valid (HAS_MASK)
@@ -841,6 +883,7 @@ def grouped_kl_states_kernel(
     PAIRS_S: tl.constexpr,      # student bf16 with even row stride: read as int32 pairs
     PAIRS_T: tl.constexpr,      # teacher bf16 with even row stride: read as int32 pairs
     FAST: tl.constexpr,         # compiled for a GPU: hardware log approximation
+    ORDER: tl.constexpr,        # CLASS rule: walk the groups one by one through the class order
     LANES: tl.constexpr,        # 32 * num_warps: one lane per thread
 ):
     """Op 1 on one (row, V-slice, chunk of groups): the slice's per-group state and extras.
@@ -856,7 +899,7 @@ def grouped_kl_states_kernel(
     row = (rest // num_splits).to(tl.int64)
     DENSE_S: tl.constexpr = HAS_S and (TOPK != TOPK_RESTRICT)
     CLASS_WALK: tl.constexpr = ((GROUP_RULE == GROUP_CLASS) and (TOPK != TOPK_BUCKET)
-                                and (DENSE_S or DENSE_T))
+                                and (DENSE_S or DENSE_T) and not ORDER)
     WITH_H: tl.constexpr = HAS_S and DENSE_T
     # More than 4 groups: the CLASS walk keeps no per-group maxima in its loop (see above).
     SHARED_WALK: tl.constexpr = CLASS_WALK and (G_LIVE > 4)
@@ -888,7 +931,12 @@ def grouped_kl_states_kernel(
             bad = bad | (target < target_lo) | (target >= target_hi)
             # Clamped into [-1, V] before narrowing: outside [0, V) it matches no class.
             t_local = tl.minimum(tl.maximum(target - vocab_offset, -1), V).to(tl.int32)
-        in_slice = (t_local >= lo) & (t_local < hi)
+        if ORDER:
+            # The slices are ranges of positions of the class order: the first one owns the
+            # target's logit.
+            in_slice = (split == 0) & (t_local >= 0) & (t_local < V)
+        else:
+            in_slice = (t_local >= lo) & (t_local < hi)
         t_safe = tl.minimum(tl.maximum(t_local, 0), tl.maximum(V - 1, 0))
         m_s = tl.where(kk >= 0, float("-inf"), 0.0)
         s_s = zeros
@@ -913,13 +961,44 @@ def grouped_kl_states_kernel(
             p0 = tl.sum((e_sorted < lo).to(tl.int32), axis=0)
             pend = tl.sum((e_sorted < hi).to(tl.int32), axis=0)
             tl.debug_barrier()
-        if RUN_DENSE:
+        if ORDER:
+            # One group at a time, each a one-group walk over its classes (gathered through
+            # the class order) in this slice of positions: per-element work flat in G, and
+            # every group's state at its own maxima (exact, as the one-group walk).
+            no_ref = tl.zeros([1], tl.float32)
+            bad_lanes = tl.zeros([LANES], tl.int32)
+            for k in range(0, G):
+                glo = tl.maximum(tl.load(bounds_ptr + k), lo)
+                ghi = tl.minimum(tl.load(bounds_ptr + k + 1), hi)
+                if glo < ghi:
+                    mS, mT, sS, sT, h, LX, LT, LA_k, sX_k, bad_k, seen, twice = _dense_pass(
+                        srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, glo, ghi, t_local,
+                        p0, pend, k, G, inv_t, no_ref, no_ref, False, DENSE_S, DENSE_T, WITH_H,
+                        HAS_CW, CE_SEP, False, False, 0, False, False, False, FAST, True, 1, 1,
+                        VEC, UNROLL, LANES)
+                    bad_lanes = bad_lanes | bad_k
+                    dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
+                        mS, mT, sS, sT, h, LX, LT, inv_t, False, DENSE_S, DENSE_T, WITH_H, HAS_CW)
+                    ds_s, ds_t, dg = _scaled_limits(dm_s, ds_s, dm_t, ds_t, dg, DENSE_S, DENSE_T,
+                                                    WITH_H)
+                    m_s, s_s, m_t, s_t, g = _put_column(
+                        kk == k, dm_s, ds_s, dm_t, ds_t, dg, m_s, s_s, m_t, s_t, g, DENSE_S,
+                        DENSE_T)
+                    if CE_SEP:
+                        LA_new = tl.maximum(LA, LA_k)
+                        sX = _rescaled(sX, LA, LA_new) + _rescaled(sX_k, LA_k, LA_new)
+                        LA = LA_new
+            # A class in another group than its position says (a stale order, a bad id), or
+            # positions outside the bounds: the row is NaN.
+            bad = bad | (tl.max(bad_lanes, axis=0) > 0)
+            bad = bad | (tl.load(bounds_ptr) != 0) | (tl.load(bounds_ptr + G) != V)
+        elif RUN_DENSE:
             no_ref = tl.zeros([GC], tl.float32)
             mS, mT, sS, sT, h, LX, LT, LA, sX, bad_gid, seen, twice = _dense_pass(
-                srow, trow, groups_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend, gbase, G,
-                inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP,
-                False, SHARED_WALK, EXCL, BAD_OR, PAIRS_S, PAIRS_T, FAST, GC, G_LIVE, VEC, UNROLL,
-                LANES)
+                srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend,
+                gbase, G, inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW,
+                CE_SEP, False, SHARED_WALK, EXCL, BAD_OR, PAIRS_S, PAIRS_T, FAST, False, GC,
+                G_LIVE, VEC, UNROLL, LANES)
             if BAD_OR:
                 bad = bad | (tl.max(bad_gid, axis=0).to(tl.uint32, bitcast=True) >= G)
             else:
@@ -947,10 +1026,10 @@ def grouped_kl_states_kernel(
                     # own maximum): walk the slice again keeping each group's own maxima (one
                     # class per lane per step: small code).
                     mS, mT, sS, sT, h, LX, LT, LA2, sX2, bad_gid, seen, twice = _dense_pass(
-                        srow, trow, groups_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend,
-                        gbase, G, inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T, WITH_H,
-                        HAS_CW, False, False, False, EXCL, BAD_OR, False, False, FAST, GC,
-                        G_LIVE, 1, 1, LANES)
+                        srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, lo, hi, t_local, p0,
+                        pend, gbase, G, inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T,
+                        WITH_H, HAS_CW, False, False, False, EXCL, BAD_OR, False, False, FAST, False,
+                        GC, G_LIVE, 1, 1, LANES)
                     dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
                         mS, mT, sS, sT, h, LX, LT, inv_t, CLASS_WALK, DENSE_S, DENSE_T, WITH_H,
                         HAS_CW)
@@ -965,10 +1044,10 @@ def grouped_kl_states_kernel(
                     else:
                         c_ta = inv_t * LOG2E
                     mS, mT, sS, sT, h, LX, LT, LA2, sX2, bad_gid, seen, twice = _dense_pass(
-                        srow, trow, groups_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend,
-                        gbase, G, inv_t, _ref(raw_s * (inv_t * LOG2E)), _ref(raw_t * c_ta),
+                        srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, lo, hi, t_local, p0,
+                        pend, gbase, G, inv_t, _ref(raw_s * (inv_t * LOG2E)), _ref(raw_t * c_ta),
                         CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW, False, True, False, EXCL,
-                        BAD_OR, False, False, FAST, GC, G_LIVE, 1, 1, LANES)
+                        BAD_OR, False, False, FAST, False, GC, G_LIVE, 1, 1, LANES)
                     ds_s, ds_t, dg = _merge_lanes_exact(sS, sT, h, dm_s, dm_t, inv_t, DENSE_S,
                                                         DENSE_T, WITH_H, HAS_CW)
             ds_s, ds_t, dg = _scaled_limits(dm_s, ds_s, dm_t, ds_t, dg, DENSE_S, DENSE_T, WITH_H)
@@ -983,14 +1062,9 @@ def grouped_kl_states_kernel(
             else:
                 # One group walked: TARGET's rest and BUCKET's all-class group are column 1,
                 # ONE's column 0.
-                one = kk == WALK_COL
-                if DENSE_S:
-                    m_s = tl.where(one, tl.max(dm_s, axis=0), m_s)
-                    s_s = tl.where(one, tl.sum(ds_s, axis=0), s_s)
-                if DENSE_T:
-                    m_t = tl.where(one, tl.max(dm_t, axis=0), m_t)
-                    s_t = tl.where(one, tl.sum(ds_t, axis=0), s_t)
-                    g = tl.where(one, tl.sum(dg, axis=0), g)
+                m_s, s_s, m_t, s_t, g = _put_column(
+                    kk == WALK_COL, dm_s, ds_s, dm_t, ds_t, dg, m_s, s_s, m_t, s_t, g, DENSE_S,
+                    DENSE_T)
         if GROUP_RULE == GROUP_TARGET:
             if TOPK != TOPK_BUCKET:
                 # Group 0: the target class alone, when it lies in this slice.
