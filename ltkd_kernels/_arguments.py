@@ -17,7 +17,6 @@ from torch import Tensor
 from ._validation import (
     LOGIT_DTYPES,
     _INTEGER_DTYPES,
-    _compiling,
     _dtype_name,
     check_bool,
     check_class_weight,
@@ -242,11 +241,10 @@ def parse_loss_arguments(loss: str, student_logits, teacher_logits, *, groups=No
                              "of groups need not hold the largest group id)")
         num_groups = check_groups(groups, vocab, num_groups, device, always=use_reference)
         group_rule = GROUP_CLASS
-        if (not use_reference and num_groups >= class_order.ORDER_MIN_GROUPS
-                and (device.type == "cuda" or backend == "triton") and not _compiling()):
+        if not use_reference:
             # Where the values were just checked (once per distinct tensor): the class order
             # the Triton walk may take with many groups (ltkd_kernels/ops/class_order.py).
-            class_order.remember(groups, num_groups)
+            class_order.remember_for_triton(groups, num_groups, backend)
     elif loss == "dkd":
         num_groups, group_rule = 2, GROUP_TARGET
     else:

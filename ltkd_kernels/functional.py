@@ -54,6 +54,7 @@ import torch
 from . import reference
 from ._arguments import LossArguments, parse_loss_arguments, topk_rule
 from ._validation import check_groups, check_logits_pair, check_positive
+from .ops import class_order
 from .ops.config import REDUCTIONS, TOPK_BUCKET, GroupedKLConfig
 from .ops.distributed import group_name, vocab_layout
 from .ops.grouped_kl import group_logsumexp as _group_logsumexp_op
@@ -199,7 +200,9 @@ def group_logsumexp(logits, groups, num_groups=None, *, temperature=1.0, backend
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1 and rows.shape[-1] > 1:
         rows = rows.contiguous()
-    lse = _group_logsumexp_op(rows, _index(groups if groups.is_contiguous() else groups.contiguous()),
-                              num_groups, temperature, backend)
+    index = _index(groups if groups.is_contiguous() else groups.contiguous())
+    if index is groups:  # (an order on a per-call copy would be built on every call)
+        class_order.remember_for_triton(groups, num_groups, backend)
+    lse = _group_logsumexp_op(rows, index, num_groups, temperature, backend)
     return lse.reshape(*logits.shape[:-1], num_groups)
 

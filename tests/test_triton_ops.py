@@ -355,6 +355,18 @@ def test_the_rule_takes_the_ordered_walk_where_it_gathers_cheaply(ops, layout, d
     assert (ops._class_order(cfg, groups, student, teacher, False) is not None) == ordered
 
 
+def test_group_logsumexp_takes_the_ordered_walk(ops, monkeypatch):
+    taken = []
+    choose = ops._class_order
+    monkeypatch.setattr(ops, "_class_order", lambda *a: taken.append(choose(*a)) or taken[-1])
+    logits = torch.randn(3, 1500) * 3
+    groups = torch.arange(1500) * 6 // 1500
+    lse = lk.group_logsumexp(logits, groups, 6, temperature=2.0, backend="triton")
+    expected = lk.group_logsumexp(logits.double(), groups, 6, temperature=2.0, backend="torch")
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-6, atol=1e-6)
+    assert len(taken) == 1 and taken[0] is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad indices: a NaN row, never a crash (no host synchronisation to raise with).
 

@@ -84,4 +84,13 @@ def remember(groups: torch.Tensor, num_groups: int) -> Optional[ClassOrder]:
     return found
 
 
-__all__ = ["ClassOrder", "ORDER_MIN_GROUPS", "build", "cached", "remember"]
+def remember_for_triton(groups: torch.Tensor, num_groups: int, backend: str) -> None:
+    """:func:`remember` where the Triton walk may run (a CUDA tensor, or ``backend="triton"``),
+    outside ``torch.compile`` (whose graphs cannot take the host read)."""
+    if (num_groups >= ORDER_MIN_GROUPS and (groups.device.type == "cuda" or backend == "triton")
+            and not torch.compiler.is_compiling()):
+        remember(groups, num_groups)
+
+
+__all__ = ["ClassOrder", "ORDER_MIN_GROUPS", "build", "cached", "remember",
+           "remember_for_triton"]
