@@ -241,25 +241,38 @@ def test_ordered_walk_matches_torch(ops, name, shape):
     assert count["triton:grouped_kl_states_kernel"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ordered_walk_half_logits_and_int64_groups(ops, dtype):
+    inputs, cfg = make_op_inputs(_case("ltkd_G8_masked_rows"), 3, 1030, dtype)
+    assert inputs["groups"].dtype == torch.int64
+    with ops.forced_walk("ordered"):
+        _check_against_torch(ops, inputs, cfg, dtype)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("class_weight", [False, True], ids=["", "class_weight"])
 def test_ordered_walk_with_cross_entropy_and_class_weights(ops, temperature, class_weight):
     """The cross-entropy extras (T = 1: from the groups' own sums; else each group walk's
     own, merged over the groups), targets in any group, an ignored row; class weights."""
-    case = OpCase("ltkd_ce", _case("ltkd").cfg._replace(num_groups=8, temperature=temperature,
-                                                         ce_weight=0.5),
-                  target=True, ignore_rows=True, class_weight=class_weight)
-    inputs, cfg = make_op_inputs(case, 4, 1031, torch.float32)
+    inputs, cfg = make_op_inputs(_ce_case(temperature, class_weight), 4, 1031, torch.float32)
     with ops.forced_walk("ordered"):
         _check_against_torch(ops, inputs, cfg)
 
 
+def _ce_case(temperature=2.5, class_weight=False):
+    return OpCase("ltkd_ce", _case("ltkd").cfg._replace(num_groups=8, temperature=temperature,
+                                                         ce_weight=0.5),
+                  target=True, ignore_rows=True, class_weight=class_weight)
+
+
 @pytest.mark.parametrize("splits", [2, 3])
-@pytest.mark.parametrize("name", ["ltkd_G8_masked_rows", "topk_ltkd"])
+@pytest.mark.parametrize("name", ["ltkd_G8_masked_rows", "topk_ltkd", "ce"])
 def test_ordered_walk_split_over_positions(ops, name, splits):
     """Slices are ranges of positions of the class order (a group may span slices, a slice
-    many groups); the merged state equals the unsplit one up to the order of the sums."""
-    inputs, cfg = make_op_inputs(_case(name), 2, 4321, torch.float32)
+    many groups; the first slice owns the target's logit); the merged state equals the
+    unsplit one up to the order of the sums."""
+    case = _ce_case() if name == "ce" else _case(name)
+    inputs, cfg = make_op_inputs(case, 3, 4321, torch.float32)
     with ops.forced_walk("ordered"):
         with ops.forced_splits(splits):
             state, extras = _check_against_torch(ops, inputs, cfg)
