@@ -13,7 +13,9 @@ network: run it from the repository root, or with the repository on ``PYTHONPATH
    plots): ``lm`` (every loss, this package's Triton kernels, the papers' eager code,
    ``torch.compile`` of it, Liger-Kernel where importable, at N = 4096, V = 128256 and
    N = 64, V = 256000, bfloat16: fraction of the HBM floor 5 N V 2 bytes / measured copy
-   bandwidth, x eager, x compile), ``launches``, ``topk``, ``srw``;
+   bandwidth, x eager, x compile), ``groups`` (LTKD with 8 and 32 groups through both walks
+   of the states kernel, groups as ranges and drawn at random), ``launches``, ``topk``,
+   ``srw``;
 3. ``OUT_DIR/gpu_check.json`` and ``OUT_DIR/summary.md``: versions, GPU, copy bandwidth, the
    tests' outcome, the headline table, what was left out and why.
 
@@ -36,7 +38,7 @@ import xml.etree.ElementTree as ElementTree
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ("lm", "launches", "topk", "srw")
+CASES = ("lm", "groups", "launches", "topk", "srw")
 CASE_RESERVE_S = 40  # a case is started only with at least this much of the time limit left
 
 

@@ -26,7 +26,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-BUILTIN_MODULES = ("classification", "lm", "topk", "launches", "srw")
+BUILTIN_MODULES = ("classification", "lm", "topk", "launches", "srw", "groups")
 EXTERNAL_MODULES = ("benchmarks.linear", "benchmarks.distributed")
 
 
