@@ -178,7 +178,7 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
     class_walk = cfg.group_rule == GROUP_CLASS and topk != TOPK_BUCKET and (dense_s or dense_t)
     if class_walk and ordered:
         # One group at a time: one state per lane; the classes are gathered (one load per
-        # class; the order's positions load 16 bytes at a time).
+        # class and tensor, one position of the order per lane per load).
         ce_sep = with_ce and (cfg.temperature != 1.0 or not dense_s)
         return dict(GROUP_RULE=cfg.group_rule, TOPK=topk, HAS_S=has_s, DENSE_T=dense_t,
                     HAS_TARGET=has_target, WITH_CE=with_ce, CE_SEP=ce_sep,
