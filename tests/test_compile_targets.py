@@ -23,8 +23,8 @@ recorders, and each recorded launch is typed exactly as the JIT would type it
 
 Run in a subprocess without ``TRITON_INTERPRET`` (two worker processes). The default pytest
 compiles the ``CORE_SITUATIONS`` (every kernel, each main flag, the G <= 3 and G = 8
-budgets, the ordered walk at G = 32) for sm_80 and sm_90; the whole matrix (every situation, three targets, ~100
-launches) is marked ``slow`` (CI runs it: about 15 minutes of CPU cold on 2 cores). Triton
+budgets, the ordered walk at G = 32) for sm_80 and sm_90; the whole matrix (every situation,
+three targets, ~100 launches) is marked ``slow`` (CI runs it: about 15 minutes of CPU cold on 2 cores). Triton
 caches every compiled kernel and this test caches each cubin's ``cuobjdump`` metrics by its
 hash next to Triton's cache: with both warm (kernels unchanged since the last run on the
 machine) each takes seconds.

@@ -67,7 +67,8 @@ def run(ctx: Context) -> CaseResult:
             groups = group_ids(layout, G, V, ctx.device)
             sectors = class_order.remember(groups, G).sectors[2]
             cfg = GroupedKLConfig(num_groups=G, group_rule=GROUP_CLASS)
-            chosen = "ordered" if ops._class_order(cfg, groups, student, teacher, False) else "class"
+            taken = ops._class_order(cfg, groups, student, teacher, False)
+            chosen = "ordered" if taken is not None else "class"
             ctx.log(f"{problem.label()} {layout} groups: {sectors:.2f} sectors per sector, the "
                     f"rule takes the {chosen} walk")
             for walk in WALKS:

@@ -1028,8 +1028,8 @@ def grouped_kl_states_kernel(
                     mS, mT, sS, sT, h, LX, LT, LA2, sX2, bad_gid, seen, twice = _dense_pass(
                         srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, lo, hi, t_local, p0,
                         pend, gbase, G, inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T,
-                        WITH_H, HAS_CW, False, False, False, EXCL, BAD_OR, False, False, FAST, False,
-                        GC, G_LIVE, 1, 1, LANES)
+                        WITH_H, HAS_CW, False, False, False, EXCL, BAD_OR, False, False, FAST,
+                        False, GC, G_LIVE, 1, 1, LANES)
                     dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
                         mS, mT, sS, sT, h, LX, LT, inv_t, CLASS_WALK, DENSE_S, DENSE_T, WITH_H,
                         HAS_CW)
