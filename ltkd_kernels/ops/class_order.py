@@ -22,6 +22,8 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
+from .._validation import _compiling
+
 # The ordered walk is considered from this many groups (below, the CLASS walk's cost per
 # element is within its budget: docs/design.md).
 ORDER_MIN_GROUPS = 5
@@ -88,7 +90,7 @@ def remember_for_triton(groups: torch.Tensor, num_groups: int, backend: str) -> 
     """:func:`remember` where the Triton walk may run (a CUDA tensor, or ``backend="triton"``),
     outside ``torch.compile`` (whose graphs cannot take the host read)."""
     if (num_groups >= ORDER_MIN_GROUPS and (groups.device.type == "cuda" or backend == "triton")
-            and not torch.compiler.is_compiling()):
+            and not _compiling()):
         remember(groups, num_groups)
 
 

@@ -219,7 +219,7 @@ def _class_order(cfg: GroupedKLConfig, groups, student, teacher, has_topk: bool)
     found = _orders.cached(groups, G)
     if walk_override == "ordered":
         return found if found is not None else _orders.build(groups, G, with_sectors=False)
-    if found is None or G < _orders.ORDER_MIN_GROUPS or not found.sectors:
+    if found is None or not found.sectors:  # (orders are remembered from ORDER_MIN_GROUPS on)
         return None
     itemsize = max(_itemsize(_dtype(student)), _itemsize(None if has_topk else _dtype(teacher)))
     reads = _group_layout(cfg)[3]

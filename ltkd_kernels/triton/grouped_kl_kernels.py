@@ -245,14 +245,11 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
             t = _lanes(tl.load(trow + offs).to(tl.float32))
     else:
         t = x
-    if ORDER:
+    if ORDER or CLASS:
         if MASKED:
-            g = _lanes(tl.load(groups_ptr + offs, mask=inside, other=gbase).to(tl.int32))
-        else:
-            g = _lanes(tl.load(groups_ptr + offs).to(tl.int32))
-    elif CLASS:
-        if MASKED:
-            g = _lanes(tl.load(groups_ptr + offs, mask=inside, other=0).to(tl.int32))
+            # (past hi: group 0, or under ORDER the walked group, which its id check expects)
+            past = gbase if ORDER else 0
+            g = _lanes(tl.load(groups_ptr + offs, mask=inside, other=past).to(tl.int32))
         else:
             g = _lanes(tl.load(groups_ptr + offs).to(tl.int32))
     else:
