@@ -173,7 +173,7 @@ def check_topk_values(indices: Tensor, vocab: int) -> None:
                          f"got values in [{lo}, {hi}]")
     flat = indices.reshape(-1, indices.shape[-1]).long()
     k = flat.shape[-1]
-    ordered = torch.sort(torch.where(flat >= 0, flat, -1 - torch.arange(k)), -1).values
+    ordered = torch.sort(torch.where(flat >= 0, flat, -1 - torch.arange(k, device=flat.device)), -1).values
     if k > 1 and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
         raise ValueError("teacher_logits.indices must not repeat a class within a row")
 

@@ -146,3 +146,29 @@ def test_near_identical_tiny_logits_within_group_kl(backend):
     err = ((rows[backend].double() - rows64).abs() / rows64.abs()).max()
     err_reference = ((rows["torch"].double() - rows64).abs() / rows64.abs()).max()
     assert err <= 2 * err_reference + 1e-4, (float(err), float(err_reference))
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk", "topk_restrict"])
+@with_backends()
+def test_no_tensor_made_on_the_default_device(backend, teacher_kind):
+    """7. On a GPU, the top-k teacher's value check built ``torch.arange(k)`` on the CPU next
+    to CUDA indices: every loss with a top-k teacher raised (the first GPU run, 2026-11-27).
+    Here the default device is ``meta``: a tensor made without ``device=`` lands there and
+    meets the CPU inputs (forward and backward, and SRW's weights)."""
+    vocab, rows = 50, 6
+    student = torch.randn(rows, vocab, requires_grad=True)
+    dense = torch.randn(rows, vocab)
+    teacher = {"dense": dense, "topk": lk.topk_teacher(dense, 8),
+               "topk_restrict": lk.topk_teacher(dense, 8, rest="restrict")}[teacher_kind]
+    groups, target = torch.randint(0, 3, (vocab,)), torch.randint(0, vocab, (rows,))
+    weight = torch.rand(vocab) + 0.1
+    with torch.device("meta"):
+        losses = [lk.kd_loss(student, teacher, backend=backend),
+                  lk.ltkd_loss(student, teacher, groups, 3, backend=backend),
+                  lk.dkd_loss(student, teacher, target, backend=backend),
+                  lk.bkd_loss(student, teacher, weight, target=target, ce_weight=1.0,
+                              backend=backend)]
+        sum(losses).backward()
+        weights = lk.srw_weights(torch.randn(20, 16, device="cpu"), backend=backend)
+    assert student.grad.device.type == "cpu" and torch.isfinite(student.grad).all()
+    assert weights.device.type == "cpu"
