@@ -111,6 +111,9 @@ OP_CASES = [
     OpCase("topk_dkd", GroupedKLConfig(num_groups=2, temperature=4.0, beta=8.0,
                                        group_rule=GROUP_TARGET, topk_rule=TOPK_RENORMALIZE),
            teacher="topk", topk=8, target=True),
+    OpCase("topk_dkd_restrict", GroupedKLConfig(num_groups=2, temperature=4.0, beta=8.0,
+                                                group_rule=GROUP_TARGET, topk_rule=TOPK_RESTRICT),
+           teacher="topk", topk=8, target=True, pad=True),
     OpCase("topk_bkd", GroupedKLConfig(temperature=2.0, topk_rule=TOPK_RENORMALIZE),
            teacher="topk", topk=8, class_weight=True),
 ]

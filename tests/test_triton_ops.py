@@ -90,8 +90,8 @@ def _check_against_torch(ops, inputs, cfg, dtype=torch.float32, loss_rtol=1e-5):
 
 @pytest.mark.parametrize("splits", [2, 3, 5])
 @pytest.mark.parametrize("name", ["ltkd", "ltkd_G8_masked_rows", "dkd", "bkd_ce_ignore",
-                                  "topk_ltkd", "topk_kd_bucket", "topk_kd_restrict", "kd_ce_half",
-                                  "ltkd_neg_inf"])
+                                  "topk_ltkd", "topk_kd_bucket", "topk_kd_restrict", "topk_dkd",
+                                  "topk_dkd_restrict", "kd_ce_half", "ltkd_neg_inf"])
 def test_forced_vocabulary_splits_match_torch(ops, name, splits):
     """Uneven slices (V = 4321: slices of whole blocks and a remainder; one-group walks take
     1024 classes a block, CLASS walks 2048; more forced slices than blocks)."""

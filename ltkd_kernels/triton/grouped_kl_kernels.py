@@ -196,10 +196,11 @@ def _lanes(x3):
 
 
 @triton.jit
-def _load_bf16_pairs(row, start, pair3):
-    """A bf16 tile read as int32 pairs ``[UNROLL, LANES, VEC / 2]`` and widened with one
-    integer instruction per class (``<< 16`` and ``& 0xffff0000``), as ``[LANES, E]``."""
-    w = tl.load(row.to(tl.pointer_type(tl.int32)) + start // 2 + pair3)
+def _load_bf16_pairs(row, start, pair3, SHIFT: tl.constexpr):
+    """A bf16 tile ``start + SHIFT + ...`` read as int32 pairs ``[1, LANES, VEC / 2]`` and
+    widened with one integer instruction per class (``<< 16`` and ``& 0xffff0000``), as
+    ``[LANES, VEC]``."""
+    w = tl.load(row.to(tl.pointer_type(tl.int32)) + start // 2 + pair3 + SHIFT // 2)
     lo = (w << 16).to(tl.float32, bitcast=True)
     hi = (w & -65536).to(tl.float32, bitcast=True)
     x3 = tl.reshape(tl.join(lo, hi), [w.shape[0], w.shape[1], w.shape[2] * 2])
@@ -207,22 +208,74 @@ def _load_bf16_pairs(row, start, pair3):
 
 
 @triton.jit
+def _columns(a, b):
+    """Two ``[L, m]`` tiles as one ``[L, 2m]``, ``a`` the even columns and ``b`` the odd ones
+    (in-thread; :func:`_halves` gives them back)."""
+    return tl.reshape(tl.join(a, b), [a.shape[0], a.shape[1] * 2])
+
+
+@triton.jit
+def _unit_columns(cols, SUB: tl.constexpr, U: tl.constexpr):
+    """``[LANES, U * VEC]``: unit 0's classes ``cols`` (``[LANES, VEC]``) and the next
+    ``U - 1`` units' (``+ SUB`` each), in the column order of :func:`_load_tile`."""
+    if U == 1:
+        return cols
+    else:
+        return _columns(_unit_columns(cols, SUB, U // 2),
+                        _unit_columns(cols + (U // 2) * SUB, SUB, U // 2))
+
+
+@triton.jit
 def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi, gbase,
                LOAD_S: tl.constexpr, DENSE_T: tl.constexpr, CLASS: tl.constexpr,
                HAS_CW: tl.constexpr, MASKED: tl.constexpr, PAIRS_S: tl.constexpr,
-               PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr):
-    """One iteration's classes ``start + offs3`` (``[UNROLL, LANES, VEC]``), as
-    ``[LANES, E]`` tiles: raw student ``x``, raw teacher ``t`` (``-inf`` past ``hi``), group ids
-    ``g``, log class weights ``lw``. Unused ones are placeholders the compiler drops.
+               PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
+               U: tl.constexpr, SUB: tl.constexpr, SHIFT: tl.constexpr = 0):
+    """One iteration's classes: ``U`` units of ``start + offs3`` (``[1, LANES, VEC]``), unit
+    ``u`` at ``+ SHIFT + u * SUB``, as ``[LANES, U * VEC]`` tiles (columns in the order of
+    :func:`_unit_columns`): raw student ``x``, raw teacher ``t`` (``-inf`` past ``hi``), group
+    ids ``g``, log class weights ``lw``. Unused ones are placeholders the compiler drops.
     ``PAIRS_*``: bf16 rows read as int32 pairs (unmasked tiles only). ``ORDER``: the positions
     are positions of the class order (the classes sorted by group): the classes are
-    ``order[start + offs3]`` (gathered), and ``g`` is their group ids (``gbase`` past ``hi``)."""
+    ``order[start + offs3]`` (gathered), and ``g`` is their group ids (``gbase`` past ``hi``).
+
+    Each unit is its own load of ``[1, LANES, VEC]``: one ``[U, LANES, VEC]`` load would tie
+    its first two dimensions for the coalescing pass, which Triton 3.6 breaks towards the
+    units (threads across units, then a shared-memory conversion of every tile: 2.4 times the
+    instructions); one load per unit is laid out lanes-first by every version. A unit's
+    constant shift is added to the pointers last (an immediate of the load instruction)."""
+    if U > 1:
+        x0, t0, g0, w0 = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
+                                    pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
+                                    PAIRS_S, PAIRS_T, FAST, ORDER, U // 2, SUB, SHIFT)
+        x1, t1, g1, w1 = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
+                                    pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
+                                    PAIRS_S, PAIRS_T, FAST, ORDER, U // 2, SUB,
+                                    SHIFT + (U // 2) * SUB)
+        x, t, g, lw = _columns(x0, x1), _columns(t0, t1), _columns(g0, g1), _columns(w0, w1)
+    else:
+        x, t, g, lw = _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3,
+                                 hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S,
+                                 PAIRS_T, FAST, ORDER, SHIFT)
+    return x, t, g, lw
+
+
+@triton.jit
+def _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi, gbase,
+               LOAD_S: tl.constexpr, DENSE_T: tl.constexpr, CLASS: tl.constexpr,
+               HAS_CW: tl.constexpr, MASKED: tl.constexpr, PAIRS_S: tl.constexpr,
+               PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
+               SHIFT: tl.constexpr):
+    """One unit of :func:`_load_tile`: the classes ``start + offs3 + SHIFT``, as
+    ``[LANES, VEC]`` (``SHIFT`` is 0 for a masked unit)."""
     offs = start + offs3
+    # The pointers' constant part (the class order's positions under ORDER, else the classes).
+    C: tl.constexpr = 0 if ORDER else SHIFT
     if MASKED:
         inside = offs < hi
     if ORDER:
         # (the scalar start first: the positions are then constant offsets from one address)
-        positions = (order_ptr + start) + offs3
+        positions = (order_ptr + start) + offs3 + SHIFT
         if MASKED:
             offs = tl.load(positions, mask=inside, other=0)
         else:
@@ -231,18 +284,18 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
         if MASKED:
             x = _lanes(tl.load(srow + offs, mask=inside, other=float("-inf")).to(tl.float32))
         elif PAIRS_S:
-            x = _load_bf16_pairs(srow, start, pair3)
+            x = _load_bf16_pairs(srow, start, pair3, SHIFT)
         else:
-            x = _lanes(tl.load(srow + offs).to(tl.float32))
+            x = _lanes(tl.load(srow + offs + C).to(tl.float32))
     else:
         x = _lanes(tl.zeros(offs.shape, tl.float32))
     if DENSE_T:
         if MASKED:
             t = _lanes(tl.load(trow + offs, mask=inside, other=float("-inf")).to(tl.float32))
         elif PAIRS_T:
-            t = _load_bf16_pairs(trow, start, pair3)
+            t = _load_bf16_pairs(trow, start, pair3, SHIFT)
         else:
-            t = _lanes(tl.load(trow + offs).to(tl.float32))
+            t = _lanes(tl.load(trow + offs + C).to(tl.float32))
     else:
         t = x
     if ORDER or CLASS:
@@ -251,14 +304,14 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
             past = gbase if ORDER else 0
             g = _lanes(tl.load(groups_ptr + offs, mask=inside, other=past).to(tl.int32))
         else:
-            g = _lanes(tl.load(groups_ptr + offs).to(tl.int32))
+            g = _lanes(tl.load(groups_ptr + offs + C).to(tl.int32))
     else:
         g = _lanes(tl.zeros(offs.shape, tl.int32))
     if HAS_CW:
         if MASKED:
             w = tl.load(cw_ptr + offs, mask=inside, other=1.0).to(tl.float32)
         else:
-            w = tl.load(cw_ptr + offs).to(tl.float32)
+            w = tl.load(cw_ptr + offs + C).to(tl.float32)
         lw = _lanes(_log(w, FAST))
     else:
         lw = x
@@ -417,7 +470,8 @@ def _dense_step(srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pai
                 HAS_EX: tl.constexpr, BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr,
                 PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
                 E: tl.constexpr):
-    """One iteration over the classes ``start + offs3`` (``E`` per lane).
+    """One iteration over ``E // VEC`` units of classes ``start + offs3`` (``[1, LANES, VEC]``;
+    see :func:`_load_tile`), ``E`` per lane.
 
     Lane state: ``mS``, ``mT`` ``[GC, LANES]`` raw group maxima; ``sS``, ``sT``, ``h``
     ``[GC, LANES]`` sums relative to the lane maxima ``LX`` (student), ``LT`` (teacher value);
@@ -433,7 +487,7 @@ def _dense_step(srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pai
     LOAD_S: tl.constexpr = DENSE_S or CE_SEP
     x, t, g, lw = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi,
                              gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S, PAIRS_T,
-                             FAST, ORDER)
+                             FAST, ORDER, E // offs3.shape[2], offs3.shape[1] * offs3.shape[2])
     if ORDER:
         bad = bad | tl.max((g != gbase).to(tl.int32), axis=1)
     if SHARED:
@@ -540,13 +594,11 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
     kk = tl.arange(0, GC)
     gk = gbase + kk
     live = kk < G_LIVE
-    u3 = tl.arange(0, UNROLL)[:, None, None]
     l3 = tl.arange(0, LANES)[None, :, None]
-    offs3 = u3 * SUB + l3 * VEC + tl.arange(0, VEC)[None, None, :]
-    pair3 = u3 * (SUB // 2) + l3 * HALF + tl.arange(0, HALF)[None, None, :]
-    offs = _lanes(offs3)                                  # [LANES, E] (exclusion masks)
-    tail3 = l3 * VEC + tl.arange(0, VEC)[None, None, :]    # one sub-tile
-    tail = _lanes(tail3)
+    offs3 = l3 * VEC + tl.arange(0, VEC)[None, None, :]     # unit 0 (and the tail's sub-tile)
+    pair3 = l3 * HALF + tl.arange(0, HALF)[None, None, :]
+    tail = _lanes(offs3)
+    offs = _unit_columns(tail, SUB, UNROLL)                # [LANES, E] (exclusion masks)
     c_s = inv_t * LOG2E
     if HAS_CW:
         c_t = LOG2E + 0.0 * inv_t
@@ -609,7 +661,7 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
         else:
             ex, p = _excluded_mask(excl_ptr, p, pend, t_local, start, start + SUB, tail, EXCL)
         mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
-            srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, tail3, tail3, ex,
+            srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, offs3, ex,
             mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase, inv_t,
             c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, SHARED,
             True, EXCL, EXCL != 0, BAD_OR, False, False, FAST, ORDER, VEC)
@@ -1064,9 +1116,11 @@ def grouped_kl_states_kernel(
                     DENSE_T)
         if GROUP_RULE == GROUP_TARGET:
             if TOPK != TOPK_BUCKET:
-                # Group 0: the target class alone, when it lies in this slice.
+                # Group 0: the target class alone, when it lies in this slice. (RESTRICT's
+                # student is its entries alone: the first slice takes them, the target's
+                # among them; another slice's target must add nothing.)
                 zero = kk == 0
-                if HAS_S:
+                if DENSE_S:
                     b_t = tl.load(srow + t_safe, mask=in_slice, other=float("-inf")).to(tl.float32)
                     b_t = tl.where(in_slice, b_t * inv_t, float("-inf"))
                     m_s = tl.where(zero, b_t, m_s)
@@ -1079,7 +1133,7 @@ def grouped_kl_states_kernel(
                     a_t = tl.where(in_slice, a_t, float("-inf"))
                     m_t = tl.where(zero, a_t, m_t)
                     s_t = tl.where(zero, tl.exp(a_t - _ref(a_t)), s_t)
-                    if HAS_S:
+                    if DENSE_S:
                         g0 = tl.where(a_t == float("-inf"), 0.0, tl.exp(a_t - _ref(a_t)) * (
                             (a_t - _ref(a_t)) - (b_t - _ref(b_t))))
                         g = tl.where(zero, g0, g)
