@@ -304,3 +304,21 @@ def test_groups_case_runs_under_the_interpreter(tmp_path):
     assert sum("(the rule's)" in r["note"] for r in rows) == 2
     assert any(r["note"].startswith("ranges") and "ordered walk (the rule's)" in r["note"]
                for r in rows)
+
+
+def test_call_overhead_runs_under_the_interpreter(tmp_path):
+    """``python -m benchmarks.call_overhead`` (the host time of a tiny call, made for a GPU),
+    run as a smoke test: every loss, the three numbers and a kernel per launch."""
+    out = tmp_path / "overhead.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.call_overhead", "--device", "cpu", "--reps", "2",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for loss in ("kd", "ltkd", "dkd", "bkd"):
+        row = result[loss]
+        assert row["step_us"] > 0 and row["python_us"] > 0
+        assert set(row["launch_us"]) == {"grouped_kl_states_kernel", "grouped_kl_finish_kernel",
+                                         "grouped_kl_grad_kernel"}

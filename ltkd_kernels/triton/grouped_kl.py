@@ -141,7 +141,18 @@ def _pairs(t) -> bool:
 
 
 def _itemsize(dtype: Optional[torch.dtype]) -> int:
-    return 0 if dtype is None else torch.empty((), dtype=dtype).element_size()
+    return 0 if dtype is None else dtype.itemsize
+
+
+# Plain integer helpers: ``triton.next_power_of_2`` and ``triton.cdiv`` are constexpr functions
+# in recent Triton, each call several microseconds of a launch's host time.
+def _pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _vec(*dtypes) -> int:
@@ -155,11 +166,11 @@ def _group_layout(cfg: GroupedKLConfig):
     G = cfg.num_groups
     if cfg.group_rule == GROUP_CLASS and cfg.topk_rule != TOPK_BUCKET:
         if G <= GROUP_CHUNK:
-            gc = triton.next_power_of_2(G)
+            gc = _pow2(G)
             live = G if G <= EXACT_GROUPS else gc
             return gc, live, gc, 1
-        return GROUP_CHUNK, GROUP_CHUNK, GROUP_CHUNK, triton.cdiv(G, GROUP_CHUNK)
-    return 1, 1, triton.next_power_of_2(G), 1
+        return GROUP_CHUNK, GROUP_CHUNK, GROUP_CHUNK, _cdiv(G, GROUP_CHUNK)
+    return 1, 1, _pow2(G), 1
 
 
 def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, cw_dtype,
@@ -184,8 +195,8 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                     HAS_TARGET=has_target, WITH_CE=with_ce, CE_SEP=ce_sep,
                     HAS_CW=cw_dtype is not None, HAS_MASK=has_mask, GC=1, G_LIVE=1,
                     VEC=ORDER_VEC, UNROLL=max(1, CLASSES_PER_LANE // ORDER_VEC),
-                    BLOCK_K=triton.next_power_of_2(max(topk_k, 1)),
-                    BLOCK_G=triton.next_power_of_2(cfg.num_groups), BAD_OR=False,
+                    BLOCK_K=_pow2(max(topk_k, 1)),
+                    BLOCK_G=_pow2(cfg.num_groups), BAD_OR=False,
                     PAIRS_S=False, PAIRS_T=False, FAST=not _interpreted(), ORDER=True,
                     LANES=LANES, num_warps=NUM_WARPS), 1
     # The CE sums come from the groups' own when the student's groups cover every class at
@@ -204,7 +215,7 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                 HAS_TARGET=has_target, WITH_CE=with_ce, CE_SEP=ce_sep,
                 HAS_CW=cw_dtype is not None, HAS_MASK=has_mask, GC=gc, G_LIVE=live,
                 VEC=vec, UNROLL=unroll,
-                BLOCK_K=triton.next_power_of_2(max(topk_k, 1)), BLOCK_G=block_g, BAD_OR=bad_or,
+                BLOCK_K=_pow2(max(topk_k, 1)), BLOCK_G=block_g, BAD_OR=bad_or,
                 PAIRS_S=pairs_s and (dense_s or ce_sep), PAIRS_T=pairs_t and dense_t,
                 FAST=not _interpreted(), ORDER=False, LANES=LANES, num_warps=NUM_WARPS), chunks
 
@@ -228,12 +239,12 @@ def _class_order(cfg: GroupedKLConfig, groups, student, teacher, has_topk: bool)
 
 
 def merge_meta(cfg: GroupedKLConfig) -> Dict:
-    return dict(BLOCK_G=min(MERGE_BLOCK_G, triton.next_power_of_2(cfg.num_groups)), num_warps=4)
+    return dict(BLOCK_G=min(MERGE_BLOCK_G, _pow2(cfg.num_groups)), num_warps=4)
 
 
 def finish_meta(cfg: GroupedKLConfig, has_mask: bool, has_target: bool, has_sw: bool,
                 has_glm: bool, has_bp: bool, has_num_items: bool, partial_only: bool) -> Dict:
-    block_g = triton.next_power_of_2(cfg.num_groups)
+    block_g = _pow2(cfg.num_groups)
     bucket = cfg.topk_rule == TOPK_BUCKET
     return dict(HAS_MASK=has_mask, HAS_TARGET=has_target, HAS_SW=has_sw, HAS_GLM=has_glm,
                 HAS_BP=has_bp, HAS_NUM_ITEMS=has_num_items, REBALANCE=cfg.rebalance,
@@ -259,8 +270,8 @@ def grad_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, 
                 WITHIN_TEACHER=cfg.within_teacher, REDUCTION=cfg.reduction,
                 ONE_GROUP=cfg.num_groups == 1 and not has_glm and not bucket,
                 VEC=vec, UNROLL=max(1, CLASSES_PER_LANE // vec), LANES=LANES,
-                BLOCK_G=triton.next_power_of_2(cfg.num_groups),
-                BLOCK_K=triton.next_power_of_2(max(topk_k, 1)), FAST=not _interpreted(),
+                BLOCK_G=_pow2(cfg.num_groups),
+                BLOCK_K=_pow2(max(topk_k, 1)), FAST=not _interpreted(),
                 num_warps=NUM_WARPS,
                 # Without FMA contraction every pt (x / T - ref(m) first) is exactly 1 at a
                 # one-class group's maximum (the gradient's exact zeros of the torch form).
@@ -273,10 +284,31 @@ def _splits(rows: int, vocab: int, block: int, device: torch.device):
         wanted = max(1, int(split_override))
     else:
         programs = PROGRAMS_PER_SM * _sm_count(device.type, device.index)
-        wanted = 1 if rows >= programs else min(triton.cdiv(programs, max(rows, 1)),
+        wanted = 1 if rows >= programs else min(_cdiv(programs, max(rows, 1)),
                                                 max(1, vocab // (MIN_SLICE_BLOCKS * block)))
-    slice_len = max(block, triton.cdiv(triton.cdiv(max(vocab, 1), wanted), block) * block)
-    return max(1, triton.cdiv(vocab, slice_len)), slice_len
+    slice_len = max(block, _cdiv(_cdiv(max(vocab, 1), wanted), block) * block)
+    return max(1, _cdiv(vocab, slice_len)), slice_len
+
+
+def _memoised(meta_fn):
+    """``meta_fn`` with its results kept per arguments (and per interpreter switch): the same
+    dict (read-only) for every call with the same dtypes and flags."""
+    cached = functools.lru_cache(maxsize=4096)(
+        lambda interpreted, args, kwargs: meta_fn(*args, **dict(kwargs)))
+
+    @functools.wraps(meta_fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return cached(_interpreted(), args, tuple(sorted(kwargs.items())))
+        except TypeError:  # an unhashable argument: computed afresh
+            return meta_fn(*args, **kwargs)
+    wrapper.uncached = meta_fn
+    return wrapper
+
+
+states_meta = _memoised(states_meta)
+finish_meta = _memoised(finish_meta)
+grad_meta = _memoised(grad_meta)
 
 
 def _target_range(cfg: GroupedKLConfig, vocab: int):
