@@ -93,6 +93,20 @@ KNOWN_SPILLS: Dict[tuple, str] = {
         "sm_90, exactly 16 groups (one chunk, ids checked by OR), since the walk keeps no "
         "per-group maxima (2026-11-27): 8 bytes of stack, no local memory; which value ptxas "
         "parks there was not examined (G = 32, the same walk in two chunks, has none)"),
+    ("grouped_kl_states_kernel", 80, "GC=4 G_LIVE=4 VEC=4 UNROLL=4 BLOCK_G=4 HAS_S DENSE_T "
+     "BAD_OR PAIRS_S PAIRS_T "): (
+        "sm_80, 4 groups, since each unit is its own load (2026-11-27): one 64-bit value "
+        "stored before the main loop and loaded back at its head (one 8-byte load from L1 per "
+        "16 classes of a thread)"),
+    ("grouped_kl_states_kernel", 100, "GC=2 G_LIVE=2 VEC=4 UNROLL=4 BLOCK_G=2 HAS_S DENSE_T "
+     "BAD_OR PAIRS_S PAIRS_T "): (
+        "sm_100, 2 groups, since each unit is its own load (2026-11-27): as the sm_80 one "
+        "at 4 groups (one 8-byte reload per iteration)"),
+    ("grouped_kl_states_kernel", 90, "GC=8 G_LIVE=8 VEC=4 UNROLL=4 BLOCK_G=8 HAS_S DENSE_T "
+     "HAS_MASK BAD_OR "): (
+        "Triton 3.6 only (the CI's Triton-3.6 step), 8 groups with a row mask: one register "
+        "stored to the stack and loaded back once, both outside the main loop (the loop and "
+        "its 52.7 instructions per element are those of Triton 3.9, which has no spill)"),
 }
 
 
@@ -550,8 +564,9 @@ the same per element for any G; the launcher takes it from 5 groups where its ga
 more sectors than the CLASS walk (docs/design.md). Known miss (see `KNOWN_OVER_BUDGET`): the
 CLASS walk at G = 17..32 (about 4 G + 20 per chunk of 16 groups, each chunk reading the row),
 taken only for groups interleaved so finely that the ordered walk's gathers would cost more
-sectors. One known spill (see `KNOWN_SPILLS`): sm_90, exactly 16 groups, 8 bytes of
-stack (the sm_80 spill of 16-group chunks before 2026-11-27 is gone).
+sectors. Known spills (see `KNOWN_SPILLS`), 8 bytes of stack each: sm_90 at exactly 16
+groups; sm_80 at 4 groups and sm_100 at 2 groups (one reload per iteration of the main loop,
+since each unit is its own load). The sm_80 spill of 16-group chunks before 2026-11-27 is gone.
 
 Under Triton 3.6 (torch 2.11's; `benchmarks/results/compile_table_triton3.6.md`, the default
 suite's situations for sm_90) the states kernel compiled to 82.5 (G = 3) and 102.4 (G = 8)
