@@ -24,6 +24,8 @@ checks nothing, says so, writes ``gpu_check.json`` with ``"status": "skipped"`` 
 (``--strict``: exit 3), so that a script running it everywhere does not fail on CPU machines.
 A time limit (``--time-limit``, 450 s by default) keeps the whole under 8 minutes: past it,
 ``torch.compile`` is left out and the remaining cases are skipped, each noted in the report.
+For a shorter lease, ``--providers triton`` times this package alone (the float64 check of
+each problem still runs) and ``--cases`` picks the cases.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ def parse_args(argv=None):
                    help="seconds for tests/test_gpu.py (default 270)")
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"benchmark cases to run, in order (default {','.join(CASES)})")
+    p.add_argument("--providers", default=None,
+                   help="providers the benchmark cases time (default: each case's own, e.g. "
+                        "triton,eager,compile,liger for lm); 'triton' alone fits a short lease")
     p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     p.add_argument("--skip-bench", action="store_true", help="tests only")
     p.add_argument("--strict", action="store_true", help="exit 3 (not 0) without CUDA")
@@ -132,6 +137,8 @@ def run_tests(out_dir: str, timeout_s: float) -> Dict:
 def _bench_argv(args, out_dir: str, device: str, remaining_s: float) -> List[str]:
     argv = ["--device", device, "--out", os.path.join(out_dir, "bench"), "--reps", "5",
             "--budget", "0.2", "--time-limit", str(max(0.0, remaining_s - 150))]
+    if args.providers:
+        argv += ["--providers", args.providers]
     if args.cpu_smoke:  # tiny sizes, the package's reference and eager: the flow, not numbers
         argv += ["--N", "16", "--V", "64", "--providers", "torch,eager", "--reps", "2",
                  "--budget", "0", "--no-plots"]

@@ -322,3 +322,27 @@ def test_call_overhead_runs_under_the_interpreter(tmp_path):
         assert row["step_us"] > 0 and row["python_us"] > 0
         assert set(row["launch_us"]) == {"grouped_kl_states_kernel", "grouped_kl_finish_kernel",
                                          "grouped_kl_grad_kernel"}
+
+
+def test_gpu_check_without_cuda(tmp_path):
+    """``python -m benchmarks.gpu_check`` on a machine without CUDA: checks nothing, says so,
+    writes ``"status": "skipped"`` and exits 0 (3 with ``--strict``); ``--cpu-smoke`` runs its
+    flow (benchmark case, report, headline table) at tiny sizes on the CPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    for strict, code in ((False, 0), (True, 3)):
+        run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", str(tmp_path / "skip")]
+                             + (["--strict"] if strict else []),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == code, run.stdout[-2000:] + run.stderr[-2000:]
+        assert "SKIPPED" in run.stdout
+        report = json.loads((tmp_path / "skip" / "gpu_check.json").read_text())
+        assert report["status"] == "skipped"
+    out = tmp_path / "smoke"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", str(out), "--cpu-smoke",
+                          "--skip-tests", "--cases", "lm", "--providers", "triton"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["status"] == "ok" and report["benchmarks"]["cases"]["lm"]["status"] == "ran"
+    assert {h["loss"] for h in report["benchmarks"]["headline"]} == {"ltkd", "kd", "dkd", "bkd"}
+    assert "## Full step" in (out / "summary.md").read_text()
