@@ -9,7 +9,10 @@ the interpreter's, only the flow is checked), this prints and writes (``--out FI
   Python, autograd and the torch ops around the kernels);
 - ``launch_us``: per kernel of the step, the median host time of launching it again with the
   same arguments (``kernel[grid](...)``: Triton's argument binding and launcher), and their sum;
-- a ``cProfile`` of LTKD's step, the 25 functions of most own time.
+- a ``cProfile`` of LTKD's step, the 25 functions of most own time;
+- a ``torch.profiler`` table of LTKD's steps (host, and device on CUDA), the 30 entries of
+  most own host time: what the two numbers above leave out (on an H200 about half of a step,
+  ``benchmarks/results/gpu/h200-2026-11-27-run2/``) shows there.
 """
 from __future__ import annotations
 
@@ -104,7 +107,23 @@ def measure(device: torch.device, reps: int) -> Dict:
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
     out["ltkd_profile"] = text.getvalue()
+    out["ltkd_torch_profile"] = _torch_profile(calls["ltkd"], student, sync, device,
+                                               max(5, reps // 10))
     return out
+
+
+def _torch_profile(call, student, sync, device: torch.device, steps: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            student.grad = None
+            call().backward()
+        sync()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
 
 
 def main(argv=None) -> int:
@@ -121,6 +140,7 @@ def main(argv=None) -> int:
                                  device=(torch.cuda.get_device_name() if device.type == "cuda"
                                          else "cpu"), python=sys.version.split()[0])
     print(result.pop("ltkd_profile") if not args.out else result["ltkd_profile"])
+    print(result.pop("ltkd_torch_profile") if not args.out else result["ltkd_torch_profile"])
     print("loss  step_us  python_us  launches_sum_us  per kernel")
     for name in ("kd", "ltkd", "dkd", "bkd"):
         row = result[name]

@@ -322,6 +322,7 @@ def test_call_overhead_runs_under_the_interpreter(tmp_path):
         assert row["step_us"] > 0 and row["python_us"] > 0
         assert set(row["launch_us"]) == {"grouped_kl_states_kernel", "grouped_kl_finish_kernel",
                                          "grouped_kl_grad_kernel"}
+    assert "Self CPU" in result["ltkd_torch_profile"]
 
 
 def test_gpu_check_without_cuda(tmp_path):
