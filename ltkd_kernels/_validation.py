@@ -252,7 +252,7 @@ def check_class_counts(class_counts) -> torch.Tensor:
         counts = class_counts.detach().cpu()
     else:
         try:
-            counts = torch.as_tensor(list(class_counts))
+            counts = torch.as_tensor(list(class_counts), device="cpu")
         except (TypeError, ValueError) as exc:
             raise TypeError(f"class_counts must be a 1-D sequence of numbers: {exc}") from None
     if counts.dim() != 1 or counts.numel() == 0:

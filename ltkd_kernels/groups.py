@@ -26,7 +26,7 @@ def groups_from_counts(class_counts, num_groups: int = 3, *, thresholds: Optiona
         if not cuts or any(b >= a for a, b in zip(cuts, cuts[1:])):
             raise ValueError(f"thresholds must be non-empty and strictly descending, got {tuple(cuts)}")
         n = counts.double()
-        group = torch.zeros(counts.shape[0], dtype=torch.int64)
+        group = torch.zeros(counts.shape[0], dtype=torch.int64, device=counts.device)
         # Group 0: n > t_1; each later threshold t_j sends n < t_j one group further down, except
         # the first, which also sends n == t_1 (so the medium band is closed on both ends).
         group += (n <= cuts[0]).long()
@@ -42,8 +42,9 @@ def groups_from_counts(class_counts, num_groups: int = 3, *, thresholds: Optiona
     order = torch.sort(-counts.double(), stable=True).indices
     base, extra = divmod(vocab, num_groups)
     sizes = [base + (1 if k < extra else 0) for k in range(num_groups)]
-    rank_group = torch.repeat_interleave(torch.arange(num_groups), torch.tensor(sizes))
-    group = torch.empty(vocab, dtype=torch.int64)
+    rank_group = torch.repeat_interleave(torch.arange(num_groups, device=counts.device),
+                                         torch.tensor(sizes, device=counts.device))
+    group = torch.empty(vocab, dtype=torch.int64, device=counts.device)
     group[order] = rank_group
     return group
 
@@ -62,6 +63,7 @@ def class_balanced_weights(class_counts, beta: float = 0.9999):
     n = counts.double()
     if bool((n < 1).any()):
         raise ValueError(f"class_counts must all be >= 1, got a minimum of {n.min().item():g}")
-    effective_number = (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), n)) / (1.0 - beta)
+    effective_number = (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=n.device), n)
+                        ) / (1.0 - beta)
     weights = 1.0 / effective_number
     return (weights * (n.shape[0] / weights.sum())).float()

@@ -172,3 +172,20 @@ def test_no_tensor_made_on_the_default_device(backend, teacher_kind):
         weights = lk.srw_weights(torch.randn(20, 16, device="cpu"), backend=backend)
     assert student.grad.device.type == "cpu" and torch.isfinite(student.grad).all()
     assert weights.device.type == "cpu"
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_group_helpers_ignore_the_default_device(as_list):
+    """7b. ``groups_from_counts`` and ``class_balanced_weights`` made some of their tensors on
+    the default device: under ``torch.device("cuda")`` (or ``meta`` here) the thresholds form
+    raised and the other returned a tensor on that device. Both return CPU tensors."""
+    counts = torch.randint(1, 200, (30,))
+    given = counts.tolist() if as_list else counts
+    expected = (lk.groups_from_counts(counts, 3), lk.groups_from_counts(counts, thresholds=(100, 20)),
+                lk.class_balanced_weights(counts, beta=0.99))
+    with torch.device("meta"):
+        got = (lk.groups_from_counts(given, 3), lk.groups_from_counts(given, thresholds=(100, 20)),
+               lk.class_balanced_weights(given, beta=0.99))
+    for value, reference in zip(got, expected):
+        assert value.device.type == "cpu"
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)
