@@ -139,9 +139,10 @@ def _bench_argv(args, out_dir: str, device: str, remaining_s: float) -> List[str
             "--budget", "0.2", "--time-limit", str(max(0.0, remaining_s - 150))]
     if args.providers:
         argv += ["--providers", args.providers]
-    if args.cpu_smoke:  # tiny sizes, the package's reference and eager: the flow, not numbers
-        argv += ["--N", "16", "--V", "64", "--providers", "torch,eager", "--reps", "2",
-                 "--budget", "0", "--no-plots"]
+    if args.cpu_smoke:  # tiny sizes (by default the package's reference and eager): the flow
+        argv += ["--N", "16", "--V", "64", "--reps", "2", "--budget", "0", "--no-plots"]
+        if not args.providers:
+            argv += ["--providers", "torch,eager"]
     return argv
 
 

@@ -41,7 +41,7 @@ from .ops.config import (
     TOPK_RULES,
 )
 from .ops.distributed import group_name
-from .topk import REST_RULES, TopKTeacher
+from .topk import REST_RULES, TopKTeacher, repeated_in_row
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 _KERNEL_DEVICES = ("cpu", "cuda")
@@ -171,10 +171,7 @@ def check_topk_values(indices: Tensor, vocab: int) -> None:
     if lo < -1 or hi >= vocab:
         raise ValueError(f"teacher_logits.indices must lie in [-1, V={vocab}) (-1 pads), "
                          f"got values in [{lo}, {hi}]")
-    flat = indices.reshape(-1, indices.shape[-1]).long()
-    k = flat.shape[-1]
-    ordered = torch.sort(torch.where(flat >= 0, flat, -1 - torch.arange(k, device=flat.device)), -1).values
-    if k > 1 and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+    if bool(repeated_in_row(indices.reshape(-1, indices.shape[-1])).any()):
         raise ValueError("teacher_logits.indices must not repeat a class within a row")
 
 

@@ -63,7 +63,6 @@ def class_balanced_weights(class_counts, beta: float = 0.9999):
     n = counts.double()
     if bool((n < 1).any()):
         raise ValueError(f"class_counts must all be >= 1, got a minimum of {n.min().item():g}")
-    effective_number = (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=n.device), n)
-                        ) / (1.0 - beta)
+    effective_number = (1.0 - torch.pow(float(beta), n)) / (1.0 - beta)
     weights = 1.0 / effective_number
     return (weights * (n.shape[0] / weights.sum())).float()

@@ -84,4 +84,17 @@ def topk_teacher(teacher_logits: Tensor, k: int, *, groups: Optional[Tensor] = N
     return TopKTeacher(indices, logprobs, rest, group_logmass)
 
 
-__all__ = ["TopKTeacher", "topk_teacher", "REST_RULES"]
+def repeated_in_row(indices: Tensor) -> Tensor:
+    """Per row of ``(R, k)`` top-k indices: whether a class (an index >= 0) occurs twice in it
+    (``-1`` pads may repeat). Bool ``(R,)`` on the indices' device."""
+    idx = indices.long()
+    k = idx.shape[-1]
+    if k < 2:
+        return torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    # The pads become distinct negatives, so that only repeated classes meet after the sort.
+    ordered = torch.sort(torch.where(idx >= 0, idx, -1 - torch.arange(k, device=idx.device)),
+                         dim=-1).values
+    return (ordered[:, 1:] == ordered[:, :-1]).any(-1)
+
+
+__all__ = ["TopKTeacher", "topk_teacher", "REST_RULES", "repeated_in_row"]

@@ -328,7 +328,8 @@ def test_call_overhead_runs_under_the_interpreter(tmp_path):
 def test_gpu_check_without_cuda(tmp_path):
     """``python -m benchmarks.gpu_check`` on a machine without CUDA: checks nothing, says so,
     writes ``"status": "skipped"`` and exits 0 (3 with ``--strict``); ``--cpu-smoke`` runs its
-    flow (benchmark case, report, headline table) at tiny sizes on the CPU."""
+    flow (benchmark case, report, headline table) at tiny sizes on the CPU, with the providers
+    given."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
     for strict, code in ((False, 0), (True, 3)):
         run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", str(tmp_path / "skip")]
@@ -340,10 +341,12 @@ def test_gpu_check_without_cuda(tmp_path):
         assert report["status"] == "skipped"
     out = tmp_path / "smoke"
     run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", str(out), "--cpu-smoke",
-                          "--skip-tests", "--cases", "lm", "--providers", "triton"],
+                          "--skip-tests", "--cases", "lm", "--providers", "torch"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["status"] == "ok" and report["benchmarks"]["cases"]["lm"]["status"] == "ran"
     assert {h["loss"] for h in report["benchmarks"]["headline"]} == {"ltkd", "kd", "dkd", "bkd"}
+    # --providers reaches the harness: the smoke's default would time eager too
+    assert all(set(h["medians_ms"]) == {"torch"} for h in report["benchmarks"]["headline"])
     assert "## Full step" in (out / "summary.md").read_text()

@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..topk import repeated_in_row
 from .config import (
     GROUP_CLASS,
     GROUP_ONE,
@@ -111,11 +112,7 @@ def _topk_entries(topk_indices: Tensor, topk_logprobs: Tensor, vocab: int, dtype
     idx = topk_indices.long()
     lp = topk_logprobs.to(dtype)
     valid = (idx >= 0) & (lp != NEG_INF)
-    bad = ((idx < -1) | (idx >= vocab)).any(-1)
-    if idx.shape[-1] > 1:
-        ordered = torch.sort(torch.where(idx >= 0, idx, -1 - torch.arange(
-            idx.shape[-1], device=idx.device)), dim=-1).values
-        bad = bad | (ordered[:, 1:] == ordered[:, :-1]).any(-1)
+    bad = ((idx < -1) | (idx >= vocab)).any(-1) | repeated_in_row(idx)
     return valid, idx.clamp(0, max(vocab - 1, 0)), lp, bad
 
 

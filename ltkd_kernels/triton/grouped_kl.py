@@ -302,7 +302,6 @@ def _memoised(meta_fn):
             return cached(_interpreted(), args, tuple(sorted(kwargs.items())))
         except TypeError:  # an unhashable argument: computed afresh
             return meta_fn(*args, **kwargs)
-    wrapper.uncached = meta_fn
     return wrapper
 
 
