@@ -143,6 +143,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                saved, grad_loss, opt);
       },
       "Op 3: the gradient with respect to the student logits");
+  m.def(
+      "grouped_kl_loss_forward_grad",
+      [](const at::Tensor& student, const OptTensor& teacher, const OptTensor& topk_indices,
+         const OptTensor& topk_logprobs, const OptTensor& groups, const OptTensor& target,
+         const OptTensor& class_weight, const OptTensor& mask, const OptTensor& sample_weight,
+         const OptTensor& group_logmass, const OptTensor& num_items, const py::tuple& cfg) {
+        const gkl::Options opt = parse_config(cfg);
+        py::gil_scoped_release release;
+        return grouped_kl_loss_forward_grad(student, teacher, topk_indices, topk_logprobs, groups,
+                                            target, class_weight, mask, sample_weight,
+                                            group_logmass, num_items, opt);
+      },
+      "Ops 1 + 2 + 3 (upstream 1) in one pass: (loss, state, extras, saved, grad or None)");
+  m.def("grouped_kl_scale_grad", &ltkd::grouped_kl_scale_grad,
+        py::call_guard<py::gil_scoped_release>(),
+        "grad *= grad_loss in place (one value or one per row); nothing for the value 1");
   m.def("set_force_scalar", &gkl::set_force_scalar,
         "Testing: run the scalar float64 kernels instead of the vectorised ones");
   m.def("force_scalar", &gkl::force_scalar, "Whether the scalar kernels are forced");

@@ -182,6 +182,49 @@ void states_into(const RowInputs& in, float* state, float* extras);
 void finish_into(const FinishInputs& in, float* loss, float* saved);
 void partial_into(const FinishInputs& in, float* partial);
 
+// The finish's denominator of a mean over rows, sum_{valid r} w_r (w = sample_weight or 1),
+// summed in the finish's order (blocks of block_rows(G) rows, then the blocks in order).
+double valid_weight_total(const FinishInputs& in);
+
+// The exps of a row's states walk, kept for the gradient (the fused forward + gradient of
+// grouped_kl_grad.cpp). Per chunk c of kWidth classes (classes [c kWidth, (c + 1) kWidth),
+// the last chunk padded), in s, t and (with the cross-entropy) x:
+//   e^S = exp(b - m^S_e), e^T = exp(a - m^T_e), e^X = exp(x - m^X_e)
+// at the running maxima of the chunk's epoch e: epoch e covers the chunks from epochs[e].chunk
+// to the next epoch's (a maximum moved between them). kNoMax (-FLT_MAX) is a maximum before
+// any finite value. `overflow`: more epochs than kMaxEpochs (the row is then not usable).
+struct ExpCapture {
+  static constexpr int kMaxEpochs = 32;
+  struct Epoch {
+    int64_t chunk;
+    float m_s, m_t, m_x;
+  };
+  float *s = nullptr, *t = nullptr, *x = nullptr;  // ceil(V / kWidth) kWidth floats each
+  int64_t chunks = 0;                              // chunks written
+  Epoch epochs[kMaxEpochs];
+  int epoch_count = 0;
+  bool overflow = false;
+
+  void add_epoch(int64_t chunk, float m_s, float m_t, float m_x) {
+    if (epoch_count > 0 && epochs[epoch_count - 1].chunk == chunk) {
+      epochs[epoch_count - 1] = Epoch{chunk, m_s, m_t, m_x};
+    } else if (epoch_count < kMaxEpochs) {
+      epochs[epoch_count++] = Epoch{chunk, m_s, m_t, m_x};
+    } else {
+      overflow = true;
+    }
+  }
+};
+
+// Whether captured_states_row serves these inputs: the one-group rule (KD, BKD) with both
+// models dense, on the vectorised kernels.
+bool captures_exps(const RowInputs& in);
+
+// states_into's row `row` (its state and extras rows), its exps captured (an invalid row: zeros,
+// nothing captured). Only where captures_exps(in).
+void captured_states_row(const RowInputs& in, int64_t row, float* state_row, float* extras_row,
+                         ExpCapture& capture);
+
 // The per-call switch to the scalar (float64) kernels, for testing them against the
 // vectorised ones.
 bool force_scalar();

@@ -140,6 +140,20 @@ std::vector<double> log_rebalance_scale(const std::vector<double>& partial, int 
 
 }  // namespace
 
+double valid_weight_total(const FinishInputs& in) {
+  const int64_t rows_in_block = block_rows(in.G);
+  double total = 0.0;
+  for (int64_t first = 0; first < in.rows; first += rows_in_block) {
+    const int64_t last = std::min(in.rows, first + rows_in_block);
+    double weight = 0.0;  // as block_partial, then the blocks as own_partial
+    for (int64_t r = first; r < last; ++r) {
+      if (in.valid[r]) weight += row_weight(in, r);
+    }
+    total += weight;
+  }
+  return total;
+}
+
 void partial_into(const FinishInputs& in, float* partial) {
   const std::vector<double> own = own_partial(in);
   for (size_t i = 0; i < own.size(); ++i) partial[i] = static_cast<float>(own[i]);

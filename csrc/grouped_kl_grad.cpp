@@ -568,8 +568,283 @@ void grad_row(const GradContext& ctx, int64_t row, const RowCoefficients& c, Row
             sc.fixups.size(), chunk, fix);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The fused forward + gradient (the one-group rule with a dense teacher: KD, BKD).
+//
+// The states walk already computed every exp the gradient needs, at the running maxima of the
+// moment (grouped_kl.h, ExpCapture): e^S_i = exp(b_i - ref(M^S)) = e'_i exp(m_e - M^S), m_e the
+// maximum of the chunk's epoch. So the gradient row is written right after the row's state,
+// from the captured e' still in L1/L2, with no exp per class:
+//
+//   out_i = e'^S_i A_e + (e'^S_i B_e - e'^T_i C_e) [+ ce_e e'^X_i],   A_e = A exp(m^S_e - M^S), ...
+//
+// the coefficients A, B, C, ce of grad_row (the row's float32 state, the upstream gradient 1).
+// An epoch at the final maxima (all of a row of at most kBlock classes) uses them unchanged:
+// the same operations, so the same bits, as grad_row. Rows whose final maxima are not finite, or
+// with more epochs than the capture holds, take grad_row.
+
+// exp(m - M) for an epoch at maximum m (final maximum M): 1 at M, 0 before any finite value
+// (the epoch's exps are then exp(-inf) = 0, or NaN from a NaN logit: NaN * 0 stays NaN).
+double epoch_factor(float m, float final_m) {
+  if (m == final_m) return 1.0;
+  if (m == -FLT_MAX) return 0.0;
+  return std::exp(static_cast<double>(m) - static_cast<double>(final_m));
+}
+
+bool capture_usable(const ExpCapture& cap, int64_t chunks, bool ce) {
+  if (cap.overflow || cap.epoch_count == 0 || cap.chunks != chunks) return false;
+  const ExpCapture::Epoch& last = cap.epochs[cap.epoch_count - 1];
+  auto finite = [](float m) { return std::isfinite(m) && m != -FLT_MAX; };
+  return finite(last.m_s) && finite(last.m_t) && (!ce || finite(last.m_x));
+}
+
+struct EpochVectors {
+  Vec a, b, c, ce;
+};
+
+EpochVectors epoch_vectors(const ExpCapture::Epoch& e, const ExpCapture::Epoch& last,
+                           const RowCoefficients& c, bool ce) {
+  const double fs = epoch_factor(e.m_s, last.m_s), ft = epoch_factor(e.m_t, last.m_t);
+  auto scaled = [](float coef, double factor) {
+    return factor == 1.0 ? coef : static_cast<float>(static_cast<double>(coef) * factor);
+  };
+  EpochVectors v;
+  v.a = simd::set1(scaled(c.a[0], fs));
+  v.b = simd::set1(scaled(c.b[0], fs));
+  v.c = simd::set1(scaled(c.c[0], ft));
+  v.ce = simd::set1(ce ? scaled(c.ce_scaled, epoch_factor(e.m_x, last.m_x)) : 0.0f);
+  return v;
+}
+
+// The gradient row from the captured exps (float32 gradient), the cross-entropy's target
+// column by grad_row's scalar formula.
+template <bool kCrossEntropy>
+void write_captured_row(const GradContext& ctx, int64_t row, const RowCoefficients& c,
+                        const ExpCapture& cap) {
+  const RowInputs& in = ctx.in;
+  const int64_t vocab = in.vocab;
+  float* grad_row = reinterpret_cast<float*>(ctx.grad) + row * vocab;
+  int64_t fix_col = -1;
+  if (kCrossEntropy && in.has_target) {
+    const int64_t t = in.local_target(row);
+    if (t >= 0 && t < vocab) fix_col = t;
+  }
+  const ExpCapture::Epoch& last = cap.epochs[cap.epoch_count - 1];
+  int epoch = 0;
+  EpochVectors v = epoch_vectors(cap.epochs[0], last, c, kCrossEntropy);
+  int64_t boundary = cap.epoch_count > 1 ? cap.epochs[1].chunk : cap.chunks;
+  alignas(64) float buffer_out[kBlock];
+  alignas(64) float pad[kWidth];
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t n = std::min(kBlock, vocab - start);
+    const bool fixes_here = fix_col >= start && fix_col < start + n;
+    const bool via_buffer = ctx.stream && fixes_here;
+    const bool stream = ctx.stream && !via_buffer;
+    float* out = via_buffer ? buffer_out : grad_row + start;
+    for (int64_t j = 0; j < n; j += kWidth) {
+      const int64_t chunk = (start + j) / kWidth;
+      while (chunk >= boundary) {
+        ++epoch;
+        v = epoch_vectors(cap.epochs[epoch], last, c, kCrossEntropy);
+        boundary = epoch + 1 < cap.epoch_count ? cap.epochs[epoch + 1].chunk : cap.chunks;
+      }
+      const Vec e_s = simd::load(cap.s + chunk * kWidth);
+      const Vec e_t = simd::load(cap.t + chunk * kWidth);
+      Vec value = simd::fmadd(e_s, v.a, simd::fmsub(e_s, v.b, simd::mul(e_t, v.c)));
+      if constexpr (kCrossEntropy) value = simd::fmadd(v.ce, simd::load(cap.x + chunk * kWidth), value);
+      if (j + kWidth <= n) {
+        if (stream) {
+          simd::stream_store(out + j, value);
+        } else {
+          simd::store(out + j, value);
+        }
+      } else {
+        simd::store(pad, value);
+        std::copy(pad, pad + (n - j), out + j);
+      }
+    }
+    if (fixes_here) {
+      // grad_row's fix-up: the whole column by the scalar formula, less u ce_weight.
+      const float x = in.student.value(row, fix_col);
+      float a = in.teacher.value(row, fix_col) * in.inv_t;
+      if (in.log_weight != nullptr) a += in.log_weight[fix_col];
+      const float e_s = std::exp(x * in.inv_t - c.ms[0]);
+      float value = std::fma(e_s, c.a[0], std::fma(e_s, c.b[0], -(std::exp(a - c.mt[0]) * c.c[0])));
+      value += c.ce_scaled * std::exp(x - c.mx);
+      out[fix_col - start] = value - c.ce;
+    }
+    if (via_buffer) {
+      const int64_t full = n / kWidth * kWidth;
+      for (int64_t j = 0; j < full; j += kWidth) {
+        simd::stream_store(grad_row + start + j, simd::load(buffer_out + j));
+      }
+      std::copy(buffer_out + full, buffer_out + n, grad_row + start + full);
+    }
+  }
+}
+
+// The calling thread's buffer of at least `floats` floats for captured exps, kept between calls:
+// a fresh buffer of this size (hundreds of KiB) is a new mapping whose pages fault on first
+// touch, which cost more than the gradient's own arithmetic at classification sizes.
+float* capture_buffer(int64_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local int64_t size = 0;
+  if (size < floats) {
+    buffer.reset(new float[static_cast<size_t>(floats)]);
+    size = floats;
+  }
+  return buffer.get();
+}
+
+// Rows per block of the fused pass: their captured exps (2 or 3 floats a class) stay within
+// about 256 KiB, so that they are still in the L2 cache when the gradient rows are written.
+int64_t fused_rows_per_block(int64_t vocab, int streams) {
+  const int64_t bytes_per_row = ((vocab + kWidth - 1) / kWidth) * kWidth * streams * 4;
+  return std::clamp<int64_t>((int64_t{64} << 10) / std::max<int64_t>(bytes_per_row, 1), 1, 64);
+}
+
 }  // namespace
+
+bool fuses_gradient(const RowInputs& in, bool has_group_logmass, at::ScalarType grad_dtype) {
+  return captures_exps(in) && !has_group_logmass && grad_dtype == at::kFloat;
+}
+
 }  // namespace gkl
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+grouped_kl_loss_forward_grad(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+    const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_logprobs,
+    const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& sample_weight,
+    const std::optional<at::Tensor>& group_logmass, const std::optional<at::Tensor>& num_items,
+    const gkl::Options& opt) {
+  using namespace gkl;
+  const RowInputs in = prepare_row_inputs(student, teacher, topk_indices, topk_logprobs, groups,
+                                          target, class_weight, mask, opt, /*for_grad=*/true);
+  if (!fuses_gradient(in, group_logmass.has_value(), student.scalar_type())) {
+    auto [loss, state, extras, saved] =
+        grouped_kl_loss_forward(student, teacher, topk_indices, topk_logprobs, groups, target,
+                                class_weight, mask, sample_weight, group_logmass, num_items, opt);
+    return {loss, state, extras, saved, at::Tensor()};
+  }
+  const int64_t rows = in.rows, vocab = in.vocab;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+  at::Tensor state = at::empty({rows, kSlots, 1}, f32);
+  at::Tensor extras = at::empty({rows, kExtras}, f32);
+  const FinishInputs fin = prepare_finish_inputs(state, extras, mask, target, sample_weight,
+                                                 std::nullopt, std::nullopt, num_items, opt);
+  // What the gradient needs of the finish before the rows: the mean's denominator (as the
+  // finish forms it, so the same float) and the upstream gradient 1 (scaled in the backward).
+  double denominator = 1.0;
+  if (opt.reduction == kReduceMean) {
+    denominator = fin.has_num_items         ? fin.num_items
+                  : opt.num_items > 0.0     ? static_cast<double>(static_cast<float>(opt.num_items))
+                                            : valid_weight_total(fin);
+  }
+  at::Tensor pre_saved = at::empty({2}, f32);  // filled here: no ATen op runs
+  pre_saved.data_ptr<float>()[0] = 0.0f;
+  pre_saved.data_ptr<float>()[1] = static_cast<float>(denominator);
+  at::Tensor one = at::empty({}, f32);
+  one.data_ptr<float>()[0] = 1.0f;
+  at::Tensor grad = empty_gradient(rows, vocab, student.options());
+  const bool with_ce = opt.with_ce() && target.has_value();
+  const GradContext ctx{in,
+                        View(state),
+                        View(extras),
+                        View(pre_saved),
+                        View(one),
+                        sample_weight.has_value() ? View(*sample_weight) : View(),
+                        View(),
+                        static_cast<char*>(grad.data_ptr()),
+                        static_cast<int64_t>(grad.element_size()),
+                        grad.scalar_type(),
+                        simd::kHasStreamStore && vocab % kWidth == 0 &&
+                            reinterpret_cast<uintptr_t>(grad.data_ptr()) % 64 == 0 &&
+                            static_cast<size_t>(grad.nbytes()) >= kStreamMinBytes,
+                        with_ce};
+  float* state_data = state.data_ptr<float>();
+  float* extras_data = extras.data_ptr<float>();
+  const int64_t chunks = (vocab + kWidth - 1) / kWidth;
+  const int streams = with_ce ? 3 : 2;
+  const int64_t block_rows_fused = fused_rows_per_block(vocab, streams);
+  std::atomic<int64_t> first_bad_row{std::numeric_limits<int64_t>::max()};
+  // Tasks of about 16K classes (at least rows_per_task's least): a fused task does twice the
+  // work of a states task per row, and finer tasks keep both threads busy to the end when one
+  // of them waits on memory.
+  const int64_t least_rows = std::max<int64_t>(1, 8192 / std::max<int64_t>(vocab, 1));
+  const int64_t task_rows = std::max(
+      least_rows, std::min(rows_per_task(rows, vocab), (int64_t{16} << 10) / std::max<int64_t>(vocab, 1)));
+  for_each_task_of(rows, task_rows, [&](int64_t first, int64_t last) {
+    const int64_t capacity = std::min(block_rows_fused, last - first);
+    float* exps = capture_buffer(capacity * chunks * kWidth * streams);
+    std::vector<ExpCapture> captures(static_cast<size_t>(capacity));
+    for (int64_t i = 0; i < capacity; ++i) {
+      float* base = exps + i * chunks * kWidth * streams;
+      captures[i].s = base;
+      captures[i].t = base + chunks * kWidth;
+      captures[i].x = with_ce ? base + 2 * chunks * kWidth : nullptr;
+    }
+    CoefficientBlock block(1, capacity, ctx.saved);
+    RowScratchGrad scratch;
+    for (int64_t start = first; start < last; start += capacity) {
+      const int64_t count = std::min(capacity, last - start);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t row = start + i;
+        captured_states_row(in, row, state_data + row * kSlots, extras_data + row * kExtras,
+                            captures[i]);
+      }
+      block.compute(ctx, start, count);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t row = start + i;
+        if (!in.valid[row]) {
+          fill_zero(ctx.grad + row * vocab * ctx.grad_element_bytes, vocab,
+                    ctx.grad_element_bytes);
+        } else if (capture_usable(captures[i], chunks, with_ce)) {
+          if (with_ce) {
+            write_captured_row<true>(ctx, row, block.row(i), captures[i]);
+          } else {
+            write_captured_row<false>(ctx, row, block.row(i), captures[i]);
+          }
+        } else {
+          grad_row(ctx, row, block.row(i), scratch, first_bad_row);
+        }
+      }
+    }
+  });
+  at::Tensor loss = opt.reduction == kReduceNone ? at::empty({rows}, f32) : at::empty({}, f32);
+  at::Tensor saved = at::empty({2}, f32);
+  finish_into(fin, loss.data_ptr<float>(), saved.data_ptr<float>());
+  return {loss, state, extras, saved, grad};
+}
+
+void grouped_kl_scale_grad(const at::Tensor& grad, const at::Tensor& grad_loss) {
+  TORCH_CHECK_VALUE(grad.device().is_cpu() && grad.scalar_type() == at::kFloat &&
+                        grad.dim() == 2 && grad.is_contiguous(),
+                    "grad must be a contiguous 2-d float32 CPU tensor");
+  const int64_t rows = grad.size(0), vocab = grad.size(1);
+  TORCH_CHECK_VALUE(grad_loss.device().is_cpu() &&
+                        (grad_loss.numel() == 1 || (grad_loss.dim() == 1 && grad_loss.size(0) == rows)),
+                    "grad_loss must hold one value or one per row, got shape ", grad_loss.sizes());
+  const gkl::View upstream(grad_loss);
+  const bool one_value = grad_loss.numel() == 1;
+  if (one_value && upstream.real_at(upstream.data) == 1.0) return;
+  float* data = grad.data_ptr<float>();
+  for_each_task(rows, vocab, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const double g = one_value ? upstream.real_at(upstream.data) : upstream.real(row);
+      if (g == 1.0) continue;
+      const simd::Vec factor = simd::set1(static_cast<float>(g));
+      float* p = data + row * vocab;
+      const int64_t full = vocab / simd::kWidth * simd::kWidth;
+      for (int64_t j = 0; j < full; j += simd::kWidth) {
+        simd::store(p + j, simd::mul(simd::load(p + j), factor));
+      }
+      for (int64_t j = full; j < vocab; ++j) p[j] *= static_cast<float>(g);
+    }
+  });
+}
 
 at::Tensor grouped_kl_grad(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher,

@@ -291,8 +291,10 @@ struct RawLse {
       max = raised;
     }
   }
-  LTKD_ALWAYS_INLINE void sum_chunk(Vec raw) {
-    sum = simd::add(sum, simd::exp_kernel(simd::sub(raw, simd::set1(max))));
+  LTKD_ALWAYS_INLINE Vec sum_chunk(Vec raw) {
+    const Vec e = simd::exp_kernel(simd::sub(raw, simd::set1(max)));
+    sum = simd::add(sum, e);
+    return e;
   }
   LTKD_ALWAYS_INLINE Online result() const {
     Online out;
@@ -317,16 +319,33 @@ struct BlockMaxima {
 // Both models: per group and lane the running maxima m^S_k, m^T_k and
 //   sum_s[k] = sum exp(b - m^S_k), sum_t[k] = sum exp(a - m^T_k),
 //   gap[k]   = sum_{a > -inf} exp(a - m^T_k) [(a - m^T_k) - (b - m^S_k)].
-template <int G, bool kLogWeight, bool kCrossEntropy>
+//
+// kCapture (G = 1): every chunk's exps e^S = exp(b - m^S), e^T = exp(a - m^T) (and the
+// cross-entropy's exp(x - m^X)) are also stored, in chunk order, at the running maxima of the
+// moment, into `capture` (the fused forward + gradient, grouped_kl.h); a raise that moves a
+// maximum starts a new epoch there.
+template <int G, bool kLogWeight, bool kCrossEntropy, bool kCapture = false>
 struct BothRow {
   float max_s[G], max_t[G];
   simd::GroupTable<G> max_s_table, max_t_table;
   Vec sum_s[G], sum_t[G], gap[G];
   RawLse raw;
   Vec inv;
+  ExpCapture* capture = nullptr;
+  float *out_s = nullptr, *out_t = nullptr, *out_x = nullptr;  // the next chunk's slots
   using BlockMax = BlockMaxima<G>;
 
-  explicit BothRow(float inv_t) : inv(simd::set1(inv_t)) {
+  explicit BothRow(float inv_t, ExpCapture* cap = nullptr) : inv(simd::set1(inv_t)) {
+    static_assert(!kCapture || G == 1, "capture: one group");
+    if constexpr (kCapture) {
+      capture = cap;
+      out_s = cap->s;
+      out_t = cap->t;
+      out_x = cap->x;
+      cap->epoch_count = 0;
+      cap->overflow = false;
+      cap->add_epoch(0, kNoMax, kNoMax, kNoMax);
+    }
     for (int k = 0; k < G; ++k) {
       max_s[k] = kNoMax;
       max_t[k] = kNoMax;
@@ -393,6 +412,12 @@ struct BothRow {
       max_t_table.set(max_t);
     }
     if constexpr (kCrossEntropy) raw.raise(block.raw);
+    if constexpr (kCapture) {
+      const ExpCapture::Epoch& last = capture->epochs[capture->epoch_count - 1];
+      if (last.m_s != max_s[0] || last.m_t != max_t[0] || last.m_x != raw.max) {
+        capture->add_epoch((out_s - capture->s) / kWidth, max_s[0], max_t[0], raw.max);
+      }
+    }
   }
 
   LTKD_ALWAYS_INLINE void sum_chunk(const float* x, const float* t, const float* lw,
@@ -448,7 +473,19 @@ struct BothRow {
       sum_t[k] = add_in_group<G>(sum_t[k], exp_a, lanes, k);
       gap[k] = add_in_group<G>(gap[k], gap_terms, lanes, k);
     }
-    if constexpr (kCrossEntropy) raw.sum_chunk(raw_x);
+    if constexpr (kCapture) {
+      simd::store(out_s, exp_b);
+      simd::store(out_t, exp_a);
+      out_s += kWidth;
+      out_t += kWidth;
+    }
+    if constexpr (kCrossEntropy) {
+      const Vec exp_x = raw.sum_chunk(raw_x);
+      if constexpr (kCapture) {
+        simd::store(out_x, exp_x);
+        out_x += kWidth;
+      }
+    }
   }
 
   LTKD_ALWAYS_INLINE void results(GroupResult* out) const {
@@ -657,12 +694,14 @@ using BothFn = void (*)(const RowInputs&, int64_t, Skips, GroupResult*, Online*)
 using SingleFn = void (*)(const RowInputs&, const RowMatrix&, float, int64_t, Skips,
                           GroupResult*, Online*);
 
-template <int G, bool kLogWeight, bool kCrossEntropy>
-void both_row(const RowInputs& in, int64_t row, Skips skip, GroupResult* out, Online* ce) {
-  BothRow<G, kLogWeight, kCrossEntropy> state(in.inv_t);
+template <int G, bool kLogWeight, bool kCrossEntropy, bool kCapture>
+LTKD_ALWAYS_INLINE void both_row_walk(const RowInputs& in, int64_t row, Skips skip,
+                                      GroupResult* out, Online* ce, ExpCapture* capture) {
+  BothRow<G, kLogWeight, kCrossEntropy, kCapture> state(in.inv_t, capture);
   walk_row_blocks<true>(in.student, in.teacher, row, in.vocab,
                         kLogWeight ? in.log_weight : nullptr, G > 1 ? in.group_ids : nullptr, skip,
                         state);
+  if constexpr (kCapture) capture->chunks = (state.out_s - capture->s) / kWidth;
   state.results(out);
   if constexpr (kCrossEntropy) *ce = state.raw.result();
 
@@ -687,6 +726,17 @@ void both_row(const RowInputs& in, int64_t row, Skips skip, GroupResult* out, On
       out[k].kl = kl;
     }
   }
+}
+
+template <int G, bool kLogWeight, bool kCrossEntropy>
+void both_row(const RowInputs& in, int64_t row, Skips skip, GroupResult* out, Online* ce) {
+  both_row_walk<G, kLogWeight, kCrossEntropy, false>(in, row, skip, out, ce, nullptr);
+}
+
+template <bool kLogWeight, bool kCrossEntropy>
+void captured_both_row(const RowInputs& in, int64_t row, GroupResult* out, Online* ce,
+                       ExpCapture* capture) {
+  both_row_walk<1, kLogWeight, kCrossEntropy, true>(in, row, Skips{}, out, ce, capture);
 }
 
 // One model (`matrix`, at `inv_t`): m and s into the student slots of `out`.
@@ -1228,6 +1278,52 @@ void states_row(const RowContext& ctx, int64_t row, float* state_row, float* ext
 }
 
 }  // namespace
+
+bool captures_exps(const RowInputs& in) {
+  return !force_scalar() && in.G == 1 && in.opt.group_rule == kGroupOne && in.has_student &&
+         in.has_teacher && !in.has_topk;
+}
+
+void captured_states_row(const RowInputs& in, int64_t row, float* state_row, float* extras_row,
+                         ExpCapture& capture) {
+  std::fill(state_row, state_row + kSlots, 0.0f);
+  std::fill(extras_row, extras_row + kExtras, 0.0f);
+  capture.chunks = 0;
+  capture.epoch_count = 0;
+  capture.overflow = false;
+  if (!in.valid[row]) return;
+  int64_t local_target = -1;
+  bool found = false;
+  if (in.has_target) {
+    local_target = in.local_target(row);
+    found = local_target >= 0 && local_target < in.vocab;
+  }
+  const bool with_ce = in.opt.with_ce() && in.has_target;
+  GroupResult res[1];
+  Online ce;
+  if (in.log_weight != nullptr) {
+    if (with_ce) {
+      captured_both_row<true, true>(in, row, res, &ce, &capture);
+    } else {
+      captured_both_row<true, false>(in, row, res, &ce, &capture);
+    }
+  } else if (with_ce) {
+    captured_both_row<false, true>(in, row, res, &ce, &capture);
+  } else {
+    captured_both_row<false, false>(in, row, res, &ce, &capture);
+  }
+  store_group(state_row, 1, 0, res[0]);
+  if (in.has_target) {
+    extras_row[3] = found ? 1.0f : 0.0f;
+    if (with_ce) {
+      double m = ce.m;
+      if (ce.s != ce.s && m != kInf) m = kNaN;
+      extras_row[0] = static_cast<float>(m);
+      extras_row[1] = static_cast<float>(ce.s);
+      extras_row[2] = found ? in.student.value(row, local_target) : 0.0f;
+    }
+  }
+}
 
 void states_into(const RowInputs& in, float* state, float* extras) {
   std::atomic<int64_t> first_bad_row{std::numeric_limits<int64_t>::max()};

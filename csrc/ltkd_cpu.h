@@ -48,6 +48,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_kl_loss_forwa
     const std::optional<at::Tensor>& group_logmass, const std::optional<at::Tensor>& num_items,
     const gkl::Options& opt);
 
+// Ops 1 + 2 and, for the upstream gradient 1, op 3 in one pass over the rows (the one-group rule
+// with a dense teacher and a float32 student: KD, BKD; grouped_kl_grad.cpp): (loss, state,
+// extras, saved, grad); grad is undefined where the pass does not apply (then ops 1 + 2 alone).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+grouped_kl_loss_forward_grad(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+    const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_logprobs,
+    const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& sample_weight,
+    const std::optional<at::Tensor>& group_logmass, const std::optional<at::Tensor>& num_items,
+    const gkl::Options& opt);
+
+// grad *= grad_loss in place (one value, or one per row of grad): the fused forward's gradient
+// for the actual upstream gradient. Nothing is done for one value equal to 1.
+void grouped_kl_scale_grad(const at::Tensor& grad, const at::Tensor& grad_loss);
+
 // Op 3: the (N, V) gradient with respect to the student logits, contiguous, in their dtype.
 at::Tensor grouped_kl_grad(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher,

@@ -114,14 +114,13 @@ inline int64_t rows_per_task(int64_t rows, int64_t vocab) {
   return std::clamp((rows + threads - 1) / threads, least, most);
 }
 
-// Run task_fn(first, last) on tasks of consecutive rows covering [0, rows). Problems of one task
-// run inline on the calling thread (no thread is started); larger ones on torch's intra-op
-// threads, which take tasks from a shared counter (a thread the OS preempts takes fewer,
-// instead of holding up a fixed half of the rows). Each row is computed whole by one thread, so
-// results do not depend on the number of threads or on which thread took a task.
+// Run task_fn(first, last) on tasks of `task` consecutive rows covering [0, rows). Problems of
+// one task run inline on the calling thread (no thread is started); larger ones on torch's
+// intra-op threads, which take tasks from a shared counter (a thread the OS preempts takes
+// fewer, instead of holding up a fixed half of the rows). Each row is computed whole by one
+// thread, so results do not depend on the number of threads or on which thread took a task.
 template <typename TaskFn>
-void for_each_task(int64_t rows, int64_t vocab, const TaskFn& task_fn) {
-  const int64_t task = rows_per_task(rows, vocab);
+void for_each_task_of(int64_t rows, int64_t task, const TaskFn& task_fn) {
   if (rows <= task || at::get_num_threads() <= 1 || at::in_parallel_region()) {
     if (rows > 0) task_fn(int64_t{0}, rows);
     simd::stream_fence();
@@ -136,6 +135,12 @@ void for_each_task(int64_t rows, int64_t vocab, const TaskFn& task_fn) {
     }
     simd::stream_fence();
   });
+}
+
+// for_each_task_of with rows_per_task(rows, vocab) rows per task.
+template <typename TaskFn>
+void for_each_task(int64_t rows, int64_t vocab, const TaskFn& task_fn) {
+  for_each_task_of(rows, rows_per_task(rows, vocab), task_fn);
 }
 
 // Run row_fn(row) for every row, in the tasks of for_each_task.

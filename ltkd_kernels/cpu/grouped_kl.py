@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
-from ..ops.config import GroupedKLConfig
+from ..ops.config import GROUP_ONE, GroupedKLConfig
 from ..ops.launches import record
 
-__all__ = ["states", "finish", "grad", "loss_forward"]
+__all__ = ["states", "finish", "grad", "loss_forward", "loss_forward_grad", "scale_grad",
+           "fuses_gradient"]
 
 # The extension reads the config as a tuple of these fields, in this order.
 _FIELDS = ("num_groups", "temperature", "alpha", "beta", "rebalance", "within_teacher",
@@ -92,3 +94,37 @@ def loss_forward(student: Tensor, teacher: Optional[Tensor], topk_indices: Optio
     return ext.grouped_kl_loss_forward(student, teacher, topk_indices, topk_logprobs, groups,
                                        target, class_weight, mask, sample_weight, group_logmass,
                                        num_items, cfg)
+
+
+def fuses_gradient(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tensor],
+                   group_logmass: Optional[Tensor], cfg: GroupedKLConfig) -> bool:
+    """Whether :func:`loss_forward_grad` computes the gradient with the loss: the one-group rule
+    (KD, BKD) with a dense teacher, a float32 student, no sharded vocabulary (the extension
+    decides the rest: the vectorised kernels, not the forced scalar ones)."""
+    return (cfg.num_groups == 1 and cfg.group_rule == GROUP_ONE and teacher is not None
+            and topk_indices is None and group_logmass is None and cfg.vocab_total == 0
+            and student.dtype == torch.float32)
+
+
+def loss_forward_grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tensor],
+                      topk_logprobs: Optional[Tensor], groups: Optional[Tensor],
+                      target: Optional[Tensor], class_weight: Optional[Tensor],
+                      mask: Optional[Tensor], sample_weight: Optional[Tensor],
+                      group_logmass: Optional[Tensor], num_items: Optional[Tensor],
+                      cfg: GroupedKLConfig):
+    """``states``, ``finish`` and ``grad`` for the upstream gradient 1, in one pass over the rows:
+    ``(loss, state, extras, saved, grad)``, ``grad`` None where the pass does not apply (see
+    :func:`fuses_gradient`; csrc/grouped_kl_grad.cpp). The gradient rows are written from the
+    exps of the states walk while the row is in cache: no second read of the logits, no exp."""
+    ext = _ext or _extension()
+    record("cpu:loss_forward_grad")
+    return ext.grouped_kl_loss_forward_grad(student, teacher, topk_indices, topk_logprobs, groups,
+                                            target, class_weight, mask, sample_weight,
+                                            group_logmass, num_items, cfg)
+
+
+def scale_grad(grad: Tensor, grad_loss: Tensor) -> None:
+    """``grad *= grad_loss`` in place (one value, or one per row); nothing for the value 1."""
+    ext = _ext or _extension()
+    record("cpu:scale_grad")
+    ext.grouped_kl_scale_grad(grad, grad_loss)

@@ -201,6 +201,12 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _current_dispatch_mode = _python_dispatch._get_current_dispatch_mode
 
 
+# The C++ backend's KD and BKD compute the gradient in the forward's pass over the rows when the
+# student needs one (ltkd_kernels.cpu.grouped_kl.loss_forward_grad); False (or the environment's
+# LTKD_KERNELS_CPU_FUSED_GRAD=0 at import): in the backward, as every other loss and backend.
+FUSED_CPU_GRADIENT = os.environ.get("LTKD_KERNELS_CPU_FUSED_GRAD", "1").strip() != "0"
+
+
 class GroupedKLLoss(torch.autograd.Function):
     """The autograd of ``grouped_kl_loss``: forward is the operator, backward the backward
     operator (one kernel). An ``autograd.Function`` rather than ``register_autograd``: the
@@ -215,10 +221,20 @@ class GroupedKLLoss(torch.autograd.Function):
                 class_weight, mask, sample_weight, group_logmass, num_items, constants):
         tensors = (student, teacher, topk_indices, topk_logprobs, groups, target, class_weight,
                    mask, sample_weight, group_logmass)
-        cfg, backend, process_group, vocab_group, global_batchmean = constants
+        cfg, backend, process_group, vocab_group, global_batchmean, wants_grad = constants
+        ctx.fused_grad = None
         if _direct(student):
-            loss, state, extras, saved = _forward(tensors, num_items, cfg, backend,
-                                                  process_group, vocab_group, global_batchmean)
+            ops = kernel_module(backend, student.device)
+            if (wants_grad and FUSED_CPU_GRADIENT and not process_group
+                    and not vocab_group and hasattr(ops, "loss_forward_grad")
+                    and ops.fuses_gradient(student, teacher, topk_indices, group_logmass, cfg)):
+                # The gradient for the upstream 1 comes with the loss (the backward scales it).
+                loss, state, extras, saved, ctx.fused_grad = ops.loss_forward_grad(
+                    *tensors, num_items, cfg)
+            else:
+                loss, state, extras, saved = _forward(tensors, num_items, cfg, backend,
+                                                      process_group, vocab_group,
+                                                      global_batchmean)
         else:
             loss, state, extras, saved = torch.ops.ltkd_kernels.grouped_kl_loss(
                 *tensors, num_items, *cfg, backend, process_group, vocab_group, global_batchmean)
@@ -239,6 +255,11 @@ class GroupedKLLoss(torch.autograd.Function):
             cfg = cfg._replace(reduction=REDUCE_SUM)
         elif grad_loss.dim() == 1 and grad_loss.numel() > 1 and grad_loss.stride(0) != 1:
             grad_loss = grad_loss.contiguous()
+        fused, ctx.fused_grad = ctx.fused_grad, None
+        if fused is not None:
+            # Taken once: a second backward (retain_graph) computes the gradient afresh.
+            kernel_module(backend, fused.device).scale_grad(fused, grad_loss)
+            return (fused,) + nothing
         saved_tensors = ctx.saved_tensors
         if _direct(grad_loss):
             tensors = saved_tensors[:len(_TENSORS)]
@@ -300,10 +321,13 @@ def grouped_kl_loss(student: Tensor, teacher: Optional[Tensor], topk_indices: Op
                     process_group: str = "", vocab_process_group: str = "",
                     global_batchmean: bool = False) -> Tensor:
     """The loss (float32; ``(N,)`` for ``REDUCE_NONE``), differentiable in ``student``."""
+    # Whether autograd will ask for the student's gradient (inside the Function's forward,
+    # grad mode is off and needs_input_grad ignores torch.no_grad()).
+    wants_grad = student.requires_grad and torch.is_grad_enabled()
     return GroupedKLLoss.apply(
         student, teacher, topk_indices, topk_logprobs, groups, target, class_weight, mask,
         sample_weight, group_logmass, num_items,
-        (cfg, backend, process_group, vocab_process_group, global_batchmean))
+        (cfg, backend, process_group, vocab_process_group, global_batchmean, wants_grad))
 
 
 def group_logsumexp(logits: Tensor, groups: Tensor, num_groups: int, temperature: float,
