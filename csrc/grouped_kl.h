@@ -200,6 +200,7 @@ struct ExpCapture {
     float m_s, m_t, m_x;
   };
   float *s = nullptr, *t = nullptr, *x = nullptr;  // ceil(V / kWidth) kWidth floats each
+  const float* gradient_row = nullptr;  // where the row's gradient goes (prefetched), or null
   int64_t chunks = 0;                              // chunks written
   Epoch epochs[kMaxEpochs];
   int epoch_count = 0;

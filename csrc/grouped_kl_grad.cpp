@@ -792,6 +792,7 @@ grouped_kl_loss_forward_grad(
       const int64_t count = std::min(capacity, last - start);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t row = start + i;
+        captures[i].gradient_row = reinterpret_cast<const float*>(ctx.grad) + row * vocab;
         captured_states_row(in, row, state_data + row * kSlots, extras_data + row * kExtras,
                             captures[i]);
       }

@@ -179,12 +179,19 @@ template <bool kTwo, int kMode, typename State>
 LTKD_ALWAYS_INLINE size_t walk_block(State& state, typename State::BlockMax& block,
                                      PaddedChunk& pad, const float* x, const float* t,
                                      const float* lw, const float* gid, int64_t start, int64_t n,
-                                     Skips skips, size_t next) {
+                                     Skips skips, size_t next, const char* ahead_x = nullptr,
+                                     const char* ahead_t = nullptr, int64_t ahead_bytes = 0,
+                                     const float* write_ahead = nullptr) {
   const int64_t full = n / kWidth * kWidth;
   for (int64_t j = 0; j < full; j += kWidth) {
     if constexpr (kMode != 1) {
       simd::prefetch(x + j + kPrefetchAhead);
       if (kTwo) simd::prefetch(t + j + kPrefetchAhead);
+    } else if (ahead_x != nullptr) {
+      // The block's second pass reads L1: fetch the next row meanwhile (see walk_row_blocks).
+      simd::prefetch(ahead_x + j * ahead_bytes);
+      if (kTwo) simd::prefetch(ahead_t + j * ahead_bytes);
+      if (write_ahead != nullptr) simd::prefetch_for_write(write_ahead + start + j);
     }
     const int64_t base = start + j;
     if (next < skips.count && skips.cols[next] < base + kWidth) {
@@ -218,10 +225,19 @@ LTKD_ALWAYS_INLINE size_t walk_block(State& state, typename State::BlockMax& blo
 // pass, state.online_chunk, which raises the maxima when a chunk holds a new record (rare by
 // then). (No lambdas here: a closure holding the state's address would keep the accumulators
 // in memory.)
+//
+// A row of one block (vocab <= kBlock) is read from memory by the maxima pass and then summed
+// from L1, where the exps take most of the time and no load waits: that pass prefetches the
+// row `next_row` (>= 0: the row the caller walks next), so its reads overlap the exps instead
+// of following them (measured without: the walk's time on rows read from memory was its time
+// on cached rows plus the whole transfer); and, given `write_ahead` (a capture's gradient row,
+// written a few rows later), fetches that row's lines for writing.
 template <bool kTwo, typename State>
 LTKD_ALWAYS_INLINE void walk_row_blocks(const RowMatrix& first, const RowMatrix& second,
                                         int64_t row, int64_t vocab, const float* lw_all,
-                                        const float* ids_all, Skips skips, State& state) {
+                                        const float* ids_all, Skips skips, State& state,
+                                        int64_t next_row = -1,
+                                        const float* write_ahead = nullptr) {
   alignas(64) float buffer_x[kBlock];
   alignas(64) float buffer_t[kBlock];
   PaddedChunk pad;
@@ -236,7 +252,12 @@ LTKD_ALWAYS_INLINE void walk_row_blocks(const RowMatrix& first, const RowMatrix&
     if (start == 0) {
       walk_block<kTwo, 0>(state, block, pad, x, t, lw, gid, start, n, skips, next);
       state.raise(block);
-      next = walk_block<kTwo, 1>(state, block, pad, x, t, lw, gid, start, n, skips, next);
+      const bool ahead = next_row >= 0 && vocab <= kBlock;
+      next = walk_block<kTwo, 1>(
+          state, block, pad, x, t, lw, gid, start, n, skips, next,
+          ahead ? static_cast<const char*>(first.at(next_row, 0)) : nullptr,
+          ahead ? static_cast<const char*>(second.at(next_row, 0)) : nullptr,
+          first.element_bytes, ahead ? write_ahead : nullptr);
     } else {
       next = walk_block<kTwo, 2>(state, block, pad, x, t, lw, gid, start, n, skips, next);
     }
@@ -700,7 +721,8 @@ LTKD_ALWAYS_INLINE void both_row_walk(const RowInputs& in, int64_t row, Skips sk
   BothRow<G, kLogWeight, kCrossEntropy, kCapture> state(in.inv_t, capture);
   walk_row_blocks<true>(in.student, in.teacher, row, in.vocab,
                         kLogWeight ? in.log_weight : nullptr, G > 1 ? in.group_ids : nullptr, skip,
-                        state);
+                        state, row + 1 < in.rows ? row + 1 : -1,
+                        kCapture ? capture->gradient_row : nullptr);
   if constexpr (kCapture) capture->chunks = (state.out_s - capture->s) / kWidth;
   state.results(out);
   if constexpr (kCrossEntropy) *ce = state.raw.result();
@@ -745,7 +767,8 @@ void single_row(const RowInputs& in, const RowMatrix& matrix, float inv_t, int64
                 Skips skip, GroupResult* out, Online* ce) {
   SingleRow<G, kLogWeight, kCrossEntropy> state(inv_t);
   walk_row_blocks<false>(matrix, matrix, row, in.vocab, kLogWeight ? in.log_weight : nullptr,
-                         G > 1 ? in.group_ids : nullptr, skip, state);
+                         G > 1 ? in.group_ids : nullptr, skip, state,
+                         row + 1 < in.rows ? row + 1 : -1);
   for (int k = 0; k < G; ++k) {
     out[k].m_s = final_max(state.max[k]);
     out[k].s_s = simd::reduce_add_double(state.sum[k]);

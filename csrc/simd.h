@@ -71,6 +71,15 @@ inline void prefetch(const void* p) {
 #endif
 }
 
+// The same for a line about to be written (fetched for ownership).
+inline void prefetch_for_write(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 1, 3);
+#else
+  (void)p;
+#endif
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 
 constexpr int kWidth = 16;
