@@ -15,6 +15,9 @@
 // block of rows at a time; the row is written by a vectorised kernel (G <= 8) or a scalar one,
 // then a few columns by the scalar formula: the top-k entries, the TARGET rule's target class
 // (its own group) and the cross-entropy's target (- [i = t]). Invalid rows get zeros.
+#include <cfloat>
+#include <memory>
+
 #include "gradient_cache.h"
 #include "grouped_kl.h"
 #include "grouped_kl_math.h"
@@ -683,10 +686,19 @@ void write_captured_row(const GradContext& ctx, int64_t row, const RowCoefficien
   }
 }
 
-// The calling thread's buffer of at least `floats` floats for captured exps, kept between calls:
-// a fresh buffer of this size (hundreds of KiB) is a new mapping whose pages fault on first
-// touch, which cost more than the gradient's own arithmetic at classification sizes.
-float* capture_buffer(int64_t floats) {
+// A buffer of at least `floats` floats for captured exps. Up to kKeptCaptureFloats it is the
+// calling thread's, kept between calls: a fresh buffer of this size (tens to hundreds of KiB) is
+// a new mapping whose pages fault on first touch, which cost more than the gradient's own
+// arithmetic at classification sizes. Larger ones (rows of over 256K classes) live in `owned`
+// for the call: their faults are small against the row's work, and a thread keeps no more
+// than 4 MiB.
+constexpr int64_t kKeptCaptureFloats = int64_t{1} << 20;
+
+float* capture_buffer(int64_t floats, std::unique_ptr<float[]>& owned) {
+  if (floats > kKeptCaptureFloats) {
+    owned.reset(new float[static_cast<size_t>(floats)]);
+    return owned.get();
+  }
   thread_local std::unique_ptr<float[]> buffer;
   thread_local int64_t size = 0;
   if (size < floats) {
@@ -778,7 +790,8 @@ grouped_kl_loss_forward_grad(
       least_rows, std::min(rows_per_task(rows, vocab), (int64_t{16} << 10) / std::max<int64_t>(vocab, 1)));
   for_each_task_of(rows, task_rows, [&](int64_t first, int64_t last) {
     const int64_t capacity = std::min(block_rows_fused, last - first);
-    float* exps = capture_buffer(capacity * chunks * kWidth * streams);
+    std::unique_ptr<float[]> owned;
+    float* exps = capture_buffer(capacity * chunks * kWidth * streams, owned);
     std::vector<ExpCapture> captures(static_cast<size_t>(capacity));
     for (int64_t i = 0; i < capacity; ++i) {
       float* base = exps + i * chunks * kWidth * streams;
