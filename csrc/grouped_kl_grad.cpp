@@ -715,12 +715,13 @@ int64_t fused_rows_per_block(int64_t vocab, int streams) {
   return std::clamp<int64_t>((int64_t{64} << 10) / std::max<int64_t>(bytes_per_row, 1), 1, 64);
 }
 
-}  // namespace
-
+// Whether the fused pass serves a call: rows captures_exps serves, no group_logmass, and a
+// float32 gradient (a float16/bfloat16 one would be rounded twice by the backward's scale).
 bool fuses_gradient(const RowInputs& in, bool has_group_logmass, at::ScalarType grad_dtype) {
   return captures_exps(in) && !has_group_logmass && grad_dtype == at::kFloat;
 }
 
+}  // namespace
 }  // namespace gkl
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

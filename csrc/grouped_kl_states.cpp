@@ -1258,6 +1258,20 @@ void topk_row(const RowInputs& in, int64_t row, int64_t local_target, bool with_
   two_pass(G, Models::kBoth, sc.student_ref.data(), entries, res, sc.sums);
 }
 
+// The extras row: [the cross-entropy's max and sum, the target's logit, whether it is in V].
+void store_extras(const RowInputs& in, int64_t row, int64_t local_target, bool found,
+                  bool with_ce, const Online& ce, float* extras_row) {
+  if (!in.has_target) return;
+  extras_row[3] = found ? 1.0f : 0.0f;
+  if (with_ce) {
+    double m = ce.m;
+    if (ce.s != ce.s && m != kInf) m = kNaN;
+    extras_row[0] = static_cast<float>(m);
+    extras_row[1] = static_cast<float>(ce.s);
+    extras_row[2] = found ? in.student.value(row, local_target) : 0.0f;
+  }
+}
+
 void states_row(const RowContext& ctx, int64_t row, float* state_row, float* extras_row,
                 Scratch& sc) {
   const RowInputs& in = ctx.in;
@@ -1288,16 +1302,7 @@ void states_row(const RowContext& ctx, int64_t row, float* state_row, float* ext
     dense_row(in, row, found, local_target, with_ce, res, &ce, sc);
   }
   for (int k = 0; k < G; ++k) store_group(state_row, G, k, res[k]);
-  if (in.has_target) {
-    extras_row[3] = found ? 1.0f : 0.0f;
-    if (with_ce) {
-      double m = ce.m;
-      if (ce.s != ce.s && m != kInf) m = kNaN;
-      extras_row[0] = static_cast<float>(m);
-      extras_row[1] = static_cast<float>(ce.s);
-      extras_row[2] = found ? in.student.value(row, local_target) : 0.0f;
-    }
-  }
+  store_extras(in, row, local_target, found, with_ce, ce, extras_row);
 }
 
 }  // namespace
@@ -1336,16 +1341,7 @@ void captured_states_row(const RowInputs& in, int64_t row, float* state_row, flo
     captured_both_row<false, false>(in, row, res, &ce, &capture);
   }
   store_group(state_row, 1, 0, res[0]);
-  if (in.has_target) {
-    extras_row[3] = found ? 1.0f : 0.0f;
-    if (with_ce) {
-      double m = ce.m;
-      if (ce.s != ce.s && m != kInf) m = kNaN;
-      extras_row[0] = static_cast<float>(m);
-      extras_row[1] = static_cast<float>(ce.s);
-      extras_row[2] = found ? in.student.value(row, local_target) : 0.0f;
-    }
-  }
+  store_extras(in, row, local_target, found, with_ce, ce, extras_row);
 }
 
 void states_into(const RowInputs& in, float* state, float* extras) {
