@@ -217,8 +217,9 @@ struct ExpCapture {
   }
 };
 
-// Whether captured_states_row serves these inputs: the one-group rule (KD, BKD) with both
-// models dense, on the vectorised kernels.
+// Whether captured_states_row serves these inputs: both models dense, on the vectorised
+// kernels, with the one-group rule (KD, BKD) or the TARGET rule without rebalancing (DKD: the
+// capture is group 1's, every class but the target).
 bool captures_exps(const RowInputs& in);
 
 // states_into's row `row` (its state and extras rows), its exps captured (an invalid row: zeros,

@@ -572,7 +572,8 @@ void grad_row(const GradContext& ctx, int64_t row, const RowCoefficients& c, Row
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fused forward + gradient (the one-group rule with a dense teacher: KD, BKD).
+// The fused forward + gradient (a dense teacher, the one-group rule: KD, BKD; the TARGET rule
+// without rebalancing: DKD, the walked group being its group 1).
 //
 // The states walk already computed every exp the gradient needs, at the running maxima of the
 // moment (grouped_kl.h, ExpCapture): e^S_i = exp(b_i - ref(M^S)) = e'_i exp(m_e - M^S), m_e the
@@ -594,47 +595,55 @@ double epoch_factor(float m, float final_m) {
   return std::exp(static_cast<double>(m) - static_cast<double>(final_m));
 }
 
-bool capture_usable(const ExpCapture& cap, int64_t chunks, bool ce) {
+// The references the row's coefficients use are the walk's final maxima, but for the
+// cross-entropy's: under the TARGET rule the target's logit, left out of the walk, joins it
+// afterwards (and may be the maximum), so the epochs are rescaled to the coefficients' own
+// references (c.ms, c.mt, c.mx), which must be finite.
+bool capture_usable(const ExpCapture& cap, int64_t chunks, bool ce, const RowCoefficients& c,
+                    int k) {
   if (cap.overflow || cap.epoch_count == 0 || cap.chunks != chunks) return false;
   const ExpCapture::Epoch& last = cap.epochs[cap.epoch_count - 1];
   auto finite = [](float m) { return std::isfinite(m) && m != -FLT_MAX; };
-  return finite(last.m_s) && finite(last.m_t) && (!ce || finite(last.m_x));
+  return finite(last.m_s) && finite(last.m_t) && std::isfinite(c.ms[k]) &&
+         std::isfinite(c.mt[k]) && (!ce || (finite(last.m_x) && std::isfinite(c.mx)));
 }
 
 struct EpochVectors {
   Vec a, b, c, ce;
 };
 
-EpochVectors epoch_vectors(const ExpCapture::Epoch& e, const ExpCapture::Epoch& last,
-                           const RowCoefficients& c, bool ce) {
-  const double fs = epoch_factor(e.m_s, last.m_s), ft = epoch_factor(e.m_t, last.m_t);
+// Group k's coefficients (the walked group: 0, or 1 under the TARGET rule) for epoch e.
+EpochVectors epoch_vectors(const ExpCapture::Epoch& e, const RowCoefficients& c, int k,
+                           bool ce) {
+  const double fs = epoch_factor(e.m_s, c.ms[k]), ft = epoch_factor(e.m_t, c.mt[k]);
   auto scaled = [](float coef, double factor) {
     return factor == 1.0 ? coef : static_cast<float>(static_cast<double>(coef) * factor);
   };
   EpochVectors v;
-  v.a = simd::set1(scaled(c.a[0], fs));
-  v.b = simd::set1(scaled(c.b[0], fs));
-  v.c = simd::set1(scaled(c.c[0], ft));
-  v.ce = simd::set1(ce ? scaled(c.ce_scaled, epoch_factor(e.m_x, last.m_x)) : 0.0f);
+  v.a = simd::set1(scaled(c.a[k], fs));
+  v.b = simd::set1(scaled(c.b[k], fs));
+  v.c = simd::set1(scaled(c.c[k], ft));
+  v.ce = simd::set1(ce ? scaled(c.ce_scaled, epoch_factor(e.m_x, c.mx)) : 0.0f);
   return v;
 }
 
-// The gradient row from the captured exps (float32 gradient), the cross-entropy's target
-// column by grad_row's scalar formula.
+// The gradient row from the captured exps (float32 gradient); the target's column (the
+// cross-entropy's, and the TARGET rule's group 0) by grad_row's scalar formula.
 template <bool kCrossEntropy>
 void write_captured_row(const GradContext& ctx, int64_t row, const RowCoefficients& c,
                         const ExpCapture& cap) {
   const RowInputs& in = ctx.in;
   const int64_t vocab = in.vocab;
+  const bool target_rule = in.opt.group_rule == kGroupTarget;
+  const int k = target_rule ? 1 : 0;  // the walked group
   float* grad_row = reinterpret_cast<float*>(ctx.grad) + row * vocab;
   int64_t fix_col = -1;
-  if (kCrossEntropy && in.has_target) {
+  if ((kCrossEntropy || target_rule) && in.has_target) {
     const int64_t t = in.local_target(row);
     if (t >= 0 && t < vocab) fix_col = t;
   }
-  const ExpCapture::Epoch& last = cap.epochs[cap.epoch_count - 1];
   int epoch = 0;
-  EpochVectors v = epoch_vectors(cap.epochs[0], last, c, kCrossEntropy);
+  EpochVectors v = epoch_vectors(cap.epochs[0], c, k, kCrossEntropy);
   int64_t boundary = cap.epoch_count > 1 ? cap.epochs[1].chunk : cap.chunks;
   alignas(64) float buffer_out[kBlock];
   alignas(64) float pad[kWidth];
@@ -648,7 +657,7 @@ void write_captured_row(const GradContext& ctx, int64_t row, const RowCoefficien
       const int64_t chunk = (start + j) / kWidth;
       while (chunk >= boundary) {
         ++epoch;
-        v = epoch_vectors(cap.epochs[epoch], last, c, kCrossEntropy);
+        v = epoch_vectors(cap.epochs[epoch], c, k, kCrossEntropy);
         boundary = epoch + 1 < cap.epoch_count ? cap.epochs[epoch + 1].chunk : cap.chunks;
       }
       const Vec e_s = simd::load(cap.s + chunk * kWidth);
@@ -667,14 +676,18 @@ void write_captured_row(const GradContext& ctx, int64_t row, const RowCoefficien
       }
     }
     if (fixes_here) {
-      // grad_row's fix-up: the whole column by the scalar formula, less u ce_weight.
+      // grad_row's fix-up: the whole column by the scalar formula (its group: 0 under both
+      // rules), less u ce_weight with the cross-entropy.
       const float x = in.student.value(row, fix_col);
       float a = in.teacher.value(row, fix_col) * in.inv_t;
       if (in.log_weight != nullptr) a += in.log_weight[fix_col];
       const float e_s = std::exp(x * in.inv_t - c.ms[0]);
       float value = std::fma(e_s, c.a[0], std::fma(e_s, c.b[0], -(std::exp(a - c.mt[0]) * c.c[0])));
-      value += c.ce_scaled * std::exp(x - c.mx);
-      out[fix_col - start] = value - c.ce;
+      if (kCrossEntropy) {
+        value += c.ce_scaled * std::exp(x - c.mx);
+        value -= c.ce;
+      }
+      out[fix_col - start] = value;
     }
     if (via_buffer) {
       const int64_t full = n / kWidth * kWidth;
@@ -744,8 +757,9 @@ grouped_kl_loss_forward_grad(
     return {loss, state, extras, saved, at::Tensor()};
   }
   const int64_t rows = in.rows, vocab = in.vocab;
+  const int G = in.G;
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
-  at::Tensor state = at::empty({rows, kSlots, 1}, f32);
+  at::Tensor state = at::empty({rows, kSlots, G}, f32);
   at::Tensor extras = at::empty({rows, kExtras}, f32);
   const FinishInputs fin = prepare_finish_inputs(state, extras, mask, target, sample_weight,
                                                  std::nullopt, std::nullopt, num_items, opt);
@@ -757,9 +771,11 @@ grouped_kl_loss_forward_grad(
                   : opt.num_items > 0.0     ? static_cast<double>(static_cast<float>(opt.num_items))
                                             : valid_weight_total(fin);
   }
-  at::Tensor pre_saved = at::empty({2}, f32);  // filled here: no ATen op runs
-  pre_saved.data_ptr<float>()[0] = 0.0f;
-  pre_saved.data_ptr<float>()[1] = static_cast<float>(denominator);
+  // The finish's `saved`: no rebalancing here, so log scales 0, then the denominator (filled
+  // here: no ATen op runs).
+  at::Tensor pre_saved = at::empty({G + 1}, f32);
+  std::fill(pre_saved.data_ptr<float>(), pre_saved.data_ptr<float>() + G, 0.0f);
+  pre_saved.data_ptr<float>()[G] = static_cast<float>(denominator);
   at::Tensor one = at::empty({}, f32);
   one.data_ptr<float>()[0] = 1.0f;
   at::Tensor grad = empty_gradient(rows, vocab, student.options());
@@ -801,15 +817,15 @@ grouped_kl_loss_forward_grad(
       captures[i].t = base + chunks * kWidth;
       captures[i].x = with_ce ? base + 2 * chunks * kWidth : nullptr;
     }
-    CoefficientBlock block(1, capacity, ctx.saved);
+    CoefficientBlock block(G, capacity, ctx.saved);
     RowScratchGrad scratch;
     for (int64_t start = first; start < last; start += capacity) {
       const int64_t count = std::min(capacity, last - start);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t row = start + i;
         captures[i].gradient_row = reinterpret_cast<const float*>(ctx.grad) + row * vocab;
-        captured_states_row(in, row, state_data + row * kSlots, extras_data + row * kExtras,
-                            captures[i]);
+        captured_states_row(in, row, state_data + row * kSlots * G,
+                            extras_data + row * kExtras, captures[i]);
       }
       block.compute(ctx, start, count);
       for (int64_t i = 0; i < count; ++i) {
@@ -817,7 +833,8 @@ grouped_kl_loss_forward_grad(
         if (!in.valid[row]) {
           fill_zero(ctx.grad + row * vocab * ctx.grad_element_bytes, vocab,
                     ctx.grad_element_bytes);
-        } else if (capture_usable(captures[i], chunks, with_ce)) {
+        } else if (capture_usable(captures[i], chunks, with_ce, block.row(i),
+                                  in.opt.group_rule == kGroupTarget ? 1 : 0)) {
           if (with_ce) {
             write_captured_row<true>(ctx, row, block.row(i), captures[i]);
           } else {
@@ -830,7 +847,7 @@ grouped_kl_loss_forward_grad(
     }
   });
   at::Tensor loss = opt.reduction == kReduceNone ? at::empty({rows}, f32) : at::empty({}, f32);
-  at::Tensor saved = at::empty({2}, f32);
+  at::Tensor saved = at::empty({G + 1}, f32);
   finish_into(fin, loss.data_ptr<float>(), saved.data_ptr<float>());
   return {loss, state, extras, saved, grad};
 }

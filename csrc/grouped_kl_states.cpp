@@ -756,9 +756,9 @@ void both_row(const RowInputs& in, int64_t row, Skips skip, GroupResult* out, On
 }
 
 template <bool kLogWeight, bool kCrossEntropy>
-void captured_both_row(const RowInputs& in, int64_t row, GroupResult* out, Online* ce,
-                       ExpCapture* capture) {
-  both_row_walk<1, kLogWeight, kCrossEntropy, true>(in, row, Skips{}, out, ce, capture);
+void captured_both_row(const RowInputs& in, int64_t row, Skips skip, GroupResult* out,
+                       Online* ce, ExpCapture* capture) {
+  both_row_walk<1, kLogWeight, kCrossEntropy, true>(in, row, skip, out, ce, capture);
 }
 
 // One model (`matrix`, at `inv_t`): m and s into the student slots of `out`.
@@ -1308,13 +1308,15 @@ void states_row(const RowContext& ctx, int64_t row, float* state_row, float* ext
 }  // namespace
 
 bool captures_exps(const RowInputs& in) {
-  return !force_scalar() && in.G == 1 && in.opt.group_rule == kGroupOne && in.has_student &&
-         in.has_teacher && !in.has_topk;
+  if (force_scalar() || !in.has_student || !in.has_teacher || in.has_topk) return false;
+  if (in.opt.group_rule == kGroupOne) return in.G == 1;
+  return in.opt.group_rule == kGroupTarget && in.G == 2 && !in.opt.rebalance;
 }
 
 void captured_states_row(const RowInputs& in, int64_t row, float* state_row, float* extras_row,
                          ExpCapture& capture) {
-  std::fill(state_row, state_row + kSlots, 0.0f);
+  const int G = in.G;
+  std::fill(state_row, state_row + kSlots * G, 0.0f);
   std::fill(extras_row, extras_row + kExtras, 0.0f);
   capture.chunks = 0;
   capture.epoch_count = 0;
@@ -1327,20 +1329,31 @@ void captured_states_row(const RowInputs& in, int64_t row, float* state_row, flo
     found = local_target >= 0 && local_target < in.vocab;
   }
   const bool with_ce = in.opt.with_ce() && in.has_target;
-  GroupResult res[1];
+  // As dense_row: the TARGET rule's group 1 is the walk over every class but the target, its
+  // group 0 the target alone (its lane of the capture holds exps of -inf: 0).
+  const bool target_rule = in.opt.group_rule == kGroupTarget;
+  Skips skip;
+  if (target_rule && found) skip = Skips{&local_target, 1};
+  GroupResult res[2];
+  GroupResult* walked = target_rule ? res + 1 : res;
   Online ce;
   if (in.log_weight != nullptr) {
     if (with_ce) {
-      captured_both_row<true, true>(in, row, res, &ce, &capture);
+      captured_both_row<true, true>(in, row, skip, walked, &ce, &capture);
     } else {
-      captured_both_row<true, false>(in, row, res, &ce, &capture);
+      captured_both_row<true, false>(in, row, skip, walked, &ce, &capture);
     }
   } else if (with_ce) {
-    captured_both_row<false, true>(in, row, res, &ce, &capture);
+    captured_both_row<false, true>(in, row, skip, walked, &ce, &capture);
   } else {
-    captured_both_row<false, false>(in, row, res, &ce, &capture);
+    captured_both_row<false, false>(in, row, skip, walked, &ce, &capture);
   }
-  store_group(state_row, 1, 0, res[0]);
+  if (target_rule && found) {
+    thread_local Scratch scratch;
+    target_class_group(in, row, local_target, Models::kBoth, res, scratch);
+    if (with_ce) ce.add(static_cast<double>(in.student.value(row, local_target)));
+  }
+  for (int k = 0; k < G; ++k) store_group(state_row, G, k, res[k]);
   store_extras(in, row, local_target, found, with_ce, ce, extras_row);
 }
 

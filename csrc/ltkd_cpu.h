@@ -48,9 +48,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_kl_loss_forwa
     const std::optional<at::Tensor>& group_logmass, const std::optional<at::Tensor>& num_items,
     const gkl::Options& opt);
 
-// Ops 1 + 2 and, for the upstream gradient 1, op 3 in one pass over the rows (the one-group rule
-// with a dense teacher and a float32 student: KD, BKD; grouped_kl_grad.cpp): (loss, state,
-// extras, saved, grad); grad is undefined where the pass does not apply (then ops 1 + 2 alone).
+// Ops 1 + 2 and, for the upstream gradient 1, op 3 in one pass over the rows (the one-group or
+// the TARGET rule, a dense teacher, a float32 student: KD, BKD, DKD; grouped_kl_grad.cpp):
+// (loss, state, extras, saved, grad); grad is undefined where the pass does not apply (then
+// ops 1 + 2 alone).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 grouped_kl_loss_forward_grad(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher,

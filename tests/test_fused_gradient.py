@@ -1,13 +1,14 @@
-"""The C++ backend's fused forward + gradient (KD, BKD: csrc/grouped_kl_grad.cpp,
+"""The C++ backend's fused forward + gradient (KD, BKD, DKD: csrc/grouped_kl_grad.cpp,
 ``grouped_kl_loss_forward_grad``): the gradient written in the forward's pass from the exps of
 the states walk must be the gradient the backward kernel computes.
 
 Each case runs the same call twice, fused (the default) and with
 ``ltkd_kernels.ops.grouped_kl.FUSED_CPU_GRADIENT = False`` (the loss's forward, then the
 backward kernel): the loss must be the same bits; the gradient the same bits where the row's
-maxima never moved after its first block (every row of at most 1024 classes) and the upstream
-gradient is 1, else within a few float32 roundings (the exps rescaled from an earlier maximum,
-or the upstream applied after the gradient's rounding)."""
+maxima never moved after its first block (every row of at most 1024 classes; with DKD's
+cross-entropy, unless the target is the student's maximum) and the upstream gradient is 1,
+else within a few float32 roundings (the exps rescaled from an earlier maximum, or the
+upstream applied after the gradient's rounding)."""
 import pytest
 import torch
 
@@ -60,6 +61,10 @@ LOSSES = {
     "bkd": lambda s, t, y, w, **kw: lk.bkd_loss(s, t, w, temperature=2.0, backend="cpu", **kw),
     "bkd_ce": lambda s, t, y, w, **kw: lk.bkd_loss(s, t, w, target=y, ce_weight=1.0,
                                                    temperature=4.0, backend="cpu", **kw),
+    "dkd": lambda s, t, y, w, **kw: lk.dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0,
+                                                backend="cpu", **kw),
+    "dkd_ce": lambda s, t, y, w, **kw: lk.dkd_loss(s, t, y, alpha=0.5, beta=2.0, temperature=2.0,
+                                                   ce_weight=1.0, backend="cpu", **kw),
 }
 
 
@@ -101,7 +106,9 @@ def test_fused_gradient_is_the_backward_kernels(loss, rows, vocab, options, unfu
         kw = dict(reduction="none")
     elif options == "num_items":
         kw = dict(num_items_in_batch=torch.tensor(rows + 2))
-    _compare(loss, s, t, y, w, unfused, exact=True, **kw)
+    # DKD's cross-entropy: a row whose target (left out of the walk) is the student's maximum
+    # has its cross-entropy exps rescaled to it: within roundings, not the same bits.
+    _compare(loss, s, t, y, w, unfused, exact=loss != "dkd_ce", **kw)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -119,7 +126,7 @@ def test_fused_gradient_when_the_maxima_move(loss, kind, vocab, unfused):
     _compare(loss, s, t, y, w, unfused, exact=vocab <= 1024 or kind == "staircase")
 
 
-@pytest.mark.parametrize("loss", ["kd", "bkd_ce"])
+@pytest.mark.parametrize("loss", ["kd", "bkd_ce", "dkd"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_fused_gradient_with_an_upstream_gradient(loss, reduction, unfused):
     """The backward scales the fused gradient by the upstream (one value, or one per row)."""

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.config import GROUP_ONE, GroupedKLConfig
+from ..ops.config import GROUP_ONE, GROUP_TARGET, GroupedKLConfig
 from ..ops.launches import record
 
 __all__ = ["states", "finish", "grad", "loss_forward", "loss_forward_grad", "scale_grad",
@@ -99,11 +99,13 @@ def loss_forward(student: Tensor, teacher: Optional[Tensor], topk_indices: Optio
 def fuses_gradient(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tensor],
                    group_logmass: Optional[Tensor], cfg: GroupedKLConfig) -> bool:
     """Whether :func:`loss_forward_grad` computes the gradient with the loss: the one-group rule
-    (KD, BKD) with a dense teacher, a float32 student, no sharded vocabulary (the extension
-    decides the rest: the vectorised kernels, not the forced scalar ones)."""
-    return (cfg.num_groups == 1 and cfg.group_rule == GROUP_ONE and teacher is not None
-            and topk_indices is None and group_logmass is None and cfg.vocab_total == 0
-            and student.dtype == torch.float32)
+    (KD, BKD) or the TARGET rule without rebalancing (DKD), a dense teacher, a float32 student,
+    no sharded vocabulary (the extension decides the rest: the vectorised kernels, not the
+    forced scalar ones)."""
+    rule_ok = ((cfg.group_rule == GROUP_ONE and cfg.num_groups == 1)
+               or (cfg.group_rule == GROUP_TARGET and cfg.num_groups == 2 and not cfg.rebalance))
+    return (rule_ok and teacher is not None and topk_indices is None and group_logmass is None
+            and cfg.vocab_total == 0 and student.dtype == torch.float32)
 
 
 def loss_forward_grad(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tensor],

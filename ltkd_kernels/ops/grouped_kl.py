@@ -201,7 +201,7 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _current_dispatch_mode = _python_dispatch._get_current_dispatch_mode
 
 
-# The C++ backend's KD and BKD compute the gradient in the forward's pass over the rows when the
+# The C++ backend's KD, BKD and DKD compute the gradient in the forward's pass over the rows when the
 # student needs one (ltkd_kernels.cpu.grouped_kl.loss_forward_grad); False (or the environment's
 # LTKD_KERNELS_CPU_FUSED_GRAD=0 at import): in the backward, as every other loss and backend.
 FUSED_CPU_GRADIENT = os.environ.get("LTKD_KERNELS_CPU_FUSED_GRAD", "1").strip() != "0"
