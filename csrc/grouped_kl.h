@@ -182,9 +182,11 @@ void states_into(const RowInputs& in, float* state, float* extras);
 void finish_into(const FinishInputs& in, float* loss, float* saved);
 void partial_into(const FinishInputs& in, float* partial);
 
-// The finish's denominator of a mean over rows, sum_{valid r} w_r (w = sample_weight or 1),
-// summed in the finish's order (blocks of block_rows(G) rows, then the blocks in order).
-double valid_weight_total(const FinishInputs& in);
+// The reduction's denominator from this call's rows alone (no process group's partials): 1
+// but for the mean, where it is num_items when given, else sum_{valid r} w_r (w =
+// sample_weight or 1) summed in the order of the batch partial (blocks of block_rows(G) rows,
+// then the blocks in order). The finish and the fused forward + gradient both take it.
+double local_denominator(const FinishInputs& in);
 
 // The exps of a row's states walk, kept for the gradient (the fused forward + gradient of
 // grouped_kl_grad.cpp). Per chunk c of kWidth classes (classes [c kWidth, (c + 1) kWidth),

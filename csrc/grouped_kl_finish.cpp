@@ -30,6 +30,15 @@ double row_weight(const FinishInputs& in, int64_t row) {
   return in.sample_weight.present ? in.sample_weight.real(row) : 1.0;
 }
 
+// sum_valid w over the rows [first, first + count), in row order.
+double block_weight(const FinishInputs& in, int64_t first, int64_t count) {
+  double weight = 0.0;
+  for (int64_t r = first; r < first + count; ++r) {
+    if (in.valid[r]) weight += row_weight(in, r);
+  }
+  return weight;
+}
+
 // The batch partial of the rows of a block (their teacher masses computed): [max_r log p^T_{r,k}
 // (G), sum_r exp(log p^T_{r,k} - ref(max)) (G), n_valid, sum_valid w] over its valid rows, in
 // row order.
@@ -37,12 +46,11 @@ void block_partial(const FinishInputs& in, RowBlock& rb, double* out) {
   const int G = in.G;
   const int64_t first = rb.first, count = rb.count;
   for (int k = 0; k < G; ++k) out[k] = -kInf;
-  double rows_valid = 0.0, weight = 0.0;
+  double rows_valid = 0.0;
   for (int64_t i = 0; i < count; ++i) {
     if (!in.valid[first + i]) continue;
     for (int k = 0; k < G; ++k) out[k] = nan_max(out[k], rb.lp_t[i * G + k]);
     rows_valid += 1.0;
-    weight += row_weight(in, first + i);
   }
   for (int64_t i = 0; i < count; ++i) {
     const bool valid = in.valid[first + i];
@@ -57,7 +65,7 @@ void block_partial(const FinishInputs& in, RowBlock& rb, double* out) {
     for (int k = 0; k < G; ++k) out[G + k] += rb.work[i * G + k];
   }
   out[2 * G] = rows_valid;
-  out[2 * G + 1] = weight;
+  out[2 * G + 1] = block_weight(in, first, count);
 }
 
 // The batch partial of all rows: per block, then the blocks merged in order.
@@ -140,16 +148,15 @@ std::vector<double> log_rebalance_scale(const std::vector<double>& partial, int 
 
 }  // namespace
 
-double valid_weight_total(const FinishInputs& in) {
+double local_denominator(const FinishInputs& in) {
+  const Options& opt = in.opt;
+  if (opt.reduction != kReduceMean) return 1.0;
+  if (in.has_num_items) return in.num_items;
+  if (opt.num_items > 0.0) return static_cast<float>(opt.num_items);
   const int64_t rows_in_block = block_rows(in.G);
-  double total = 0.0;
+  double total = 0.0;  // the blocks' weights added in order, as own_partial merges them
   for (int64_t first = 0; first < in.rows; first += rows_in_block) {
-    const int64_t last = std::min(in.rows, first + rows_in_block);
-    double weight = 0.0;  // as block_partial, then the blocks as own_partial
-    for (int64_t r = first; r < last; ++r) {
-      if (in.valid[r]) weight += row_weight(in, r);
-    }
-    total += weight;
+    total += block_weight(in, first, std::min(rows_in_block, in.rows - first));
   }
   return total;
 }
@@ -166,8 +173,10 @@ void finish_into(const FinishInputs& in, float* loss, float* saved) {
   const bool rebalance = opt.rebalance && !bucket;
   const bool mean = opt.reduction == kReduceMean;
   const bool partials_given = in.batch_partials.present;
-  const bool denominator_from_rows = mean && !in.has_num_items && !(opt.num_items > 0.0) &&
-                                     !(partials_given && opt.denominator_from_partials);
+  // The mean's denominator from every rank's rows (a process group's partials), else from
+  // this call's (local_denominator).
+  const bool denominator_from_partials = mean && !in.has_num_items && !(opt.num_items > 0.0) &&
+                                         partials_given && opt.denominator_from_partials;
   const int64_t rows_in_block = block_rows(G);
   const int64_t blocks = (in.rows + rows_in_block - 1) / rows_in_block;
   // One block (a small call): its masses serve both the batch partial and the row losses.
@@ -177,8 +186,10 @@ void finish_into(const FinishInputs& in, float* loss, float* saved) {
     single->load(in.state, 0, in.rows);
     single->masses(opt, in.group_logmass);
   }
+  // This call's own batch partial, where the rebalancing needs it (a denominator alone is the
+  // partial's weight sum, formed without the masses below).
   std::vector<double> own, merged;
-  if ((rebalance && !partials_given) || denominator_from_rows) {
+  if (rebalance && !partials_given) {
     if (single) {
       own.assign(static_cast<size_t>(2 * G + 2), 0.0);
       block_partial(in, *single, own.data());
@@ -190,18 +201,8 @@ void finish_into(const FinishInputs& in, float* loss, float* saved) {
   std::vector<double> log_scale(static_cast<size_t>(G), 0.0);
   if (rebalance) log_scale = log_rebalance_scale(partials_given ? merged : own, G);
 
-  double denominator = 1.0;
-  if (mean) {
-    if (in.has_num_items) {
-      denominator = in.num_items;
-    } else if (opt.num_items > 0.0) {
-      denominator = static_cast<float>(opt.num_items);
-    } else if (partials_given && opt.denominator_from_partials) {
-      denominator = merged[2 * G + 1];
-    } else {
-      denominator = own[2 * G + 1];
-    }
-  }
+  const double denominator =
+      denominator_from_partials ? merged[2 * G + 1] : local_denominator(in);
 
   std::vector<double> block_sums(static_cast<size_t>(blocks), 0.0);
   const bool per_row = opt.reduction == kReduceNone;

@@ -448,6 +448,23 @@ void order_by_block(RowScratchGrad& sc, int64_t vocab) {
   sc.fixups.swap(sc.ordered);
 }
 
+// The dense teacher's gradient at one column of group k by the scalar formula (the vector
+// kernels' e^S A + (e^S B - e^T C), x the student's logit there).
+float dense_column(const RowInputs& in, int64_t row, int64_t col, int k, const RowCoefficients& c,
+                   float x) {
+  const float e_s = std::exp(x * in.inv_t - c.ms[k]);
+  float a = in.teacher.value(row, col) * in.inv_t;
+  if (in.log_weight != nullptr) a += in.log_weight[col];
+  return std::fma(e_s, c.a[k], std::fma(e_s, c.b[k], -(std::exp(a - c.mt[k]) * c.c[k])));
+}
+
+// v plus the cross-entropy's u ce_weight (softmax(x)_col - [col = target]) at one column.
+float with_ce_column(float v, const RowCoefficients& c, float x, bool is_target) {
+  v += c.ce_scaled * std::exp(x - c.mx);
+  if (is_target) v -= c.ce;
+  return v;
+}
+
 void grad_row(const GradContext& ctx, int64_t row, const RowCoefficients& c, RowScratchGrad& sc,
               std::atomic<int64_t>& first_bad_row) {
   const RowInputs& in = ctx.in;
@@ -511,22 +528,16 @@ void grad_row(const GradContext& ctx, int64_t row, const RowCoefficients& c, Row
       }
     } else {
       const int k = group_of(col);
-      const float e_s = std::exp(b - c.ms[k]);
       if (kind == Kind::kDense) {
-        float a = in.teacher.value(row, col) * inv_t;
-        if (in.log_weight != nullptr) a += in.log_weight[col];
-        v = std::fma(e_s, c.a[k], std::fma(e_s, c.b[k], -(std::exp(a - c.mt[k]) * c.c[k])));
+        v = dense_column(in, row, col, k, c, x);
       } else if (f.entry >= 0) {  // an entry (RENORMALIZE, RESTRICT)
+        const float e_s = std::exp(b - c.ms[k]);
         v = std::fma(e_s, c.a[k], std::fma(e_s, c.b[k], -(std::exp(a_entry - c.mt[k]) * c.c[k])));
       } else if (kind == Kind::kRenormalize) {
-        v = e_s * c.d[k];
+        v = std::exp(b - c.ms[k]) * c.d[k];
       }  // RESTRICT: 0 off the entries
     }
-    if (ctx.with_ce) {
-      v += c.ce_scaled * std::exp(x - c.mx);
-      if (col == local_target) v -= c.ce;
-    }
-    return v;
+    return ctx.with_ce ? with_ce_column(v, c, x, col == local_target) : v;
   };
 
   if (kind == Kind::kRestrict) {
@@ -676,18 +687,11 @@ void write_captured_row(const GradContext& ctx, int64_t row, const RowCoefficien
       }
     }
     if (fixes_here) {
-      // grad_row's fix-up: the whole column by the scalar formula (its group: 0 under both
-      // rules), less u ce_weight with the cross-entropy.
+      // grad_row's fix-up: the whole column by the scalar formula (the target's group: 0
+      // under both rules).
       const float x = in.student.value(row, fix_col);
-      float a = in.teacher.value(row, fix_col) * in.inv_t;
-      if (in.log_weight != nullptr) a += in.log_weight[fix_col];
-      const float e_s = std::exp(x * in.inv_t - c.ms[0]);
-      float value = std::fma(e_s, c.a[0], std::fma(e_s, c.b[0], -(std::exp(a - c.mt[0]) * c.c[0])));
-      if (kCrossEntropy) {
-        value += c.ce_scaled * std::exp(x - c.mx);
-        value -= c.ce;
-      }
-      out[fix_col - start] = value;
+      const float value = dense_column(in, row, fix_col, 0, c, x);
+      out[fix_col - start] = kCrossEntropy ? with_ce_column(value, c, x, true) : value;
     }
     if (via_buffer) {
       const int64_t full = n / kWidth * kWidth;
@@ -735,6 +739,14 @@ bool fuses_gradient(const RowInputs& in, bool has_group_logmass, at::ScalarType 
   return captures_exps(in) && !has_group_logmass && grad_dtype == at::kFloat;
 }
 
+// Whether the gradient is written with non-temporal stores: float32, rows of whole 64-byte
+// lines, and larger than the caches it would otherwise evict.
+bool streams_gradient(const at::Tensor& grad, int64_t vocab) {
+  return simd::kHasStreamStore && grad.scalar_type() == at::kFloat && vocab % kWidth == 0 &&
+         reinterpret_cast<uintptr_t>(grad.data_ptr()) % 64 == 0 &&
+         static_cast<size_t>(grad.nbytes()) >= kStreamMinBytes;
+}
+
 }  // namespace
 }  // namespace gkl
 
@@ -763,14 +775,10 @@ grouped_kl_loss_forward_grad(
   at::Tensor extras = at::empty({rows, kExtras}, f32);
   const FinishInputs fin = prepare_finish_inputs(state, extras, mask, target, sample_weight,
                                                  std::nullopt, std::nullopt, num_items, opt);
-  // What the gradient needs of the finish before the rows: the mean's denominator (as the
-  // finish forms it, so the same float) and the upstream gradient 1 (scaled in the backward).
-  double denominator = 1.0;
-  if (opt.reduction == kReduceMean) {
-    denominator = fin.has_num_items         ? fin.num_items
-                  : opt.num_items > 0.0     ? static_cast<double>(static_cast<float>(opt.num_items))
-                                            : valid_weight_total(fin);
-  }
+  // What the gradient needs of the finish before the rows: the mean's denominator (the
+  // finish's own function, so the same float) and the upstream gradient 1 (scaled in the
+  // backward).
+  const double denominator = local_denominator(fin);
   // The finish's `saved`: no rebalancing here, so log scales 0, then the denominator (filled
   // here: no ATen op runs).
   at::Tensor pre_saved = at::empty({G + 1}, f32);
@@ -790,9 +798,7 @@ grouped_kl_loss_forward_grad(
                         static_cast<char*>(grad.data_ptr()),
                         static_cast<int64_t>(grad.element_size()),
                         grad.scalar_type(),
-                        simd::kHasStreamStore && vocab % kWidth == 0 &&
-                            reinterpret_cast<uintptr_t>(grad.data_ptr()) % 64 == 0 &&
-                            static_cast<size_t>(grad.nbytes()) >= kStreamMinBytes,
+                        streams_gradient(grad, vocab),
                         with_ce};
   float* state_data = state.data_ptr<float>();
   float* extras_data = extras.data_ptr<float>();
@@ -800,12 +806,9 @@ grouped_kl_loss_forward_grad(
   const int streams = with_ce ? 3 : 2;
   const int64_t block_rows_fused = fused_rows_per_block(vocab, streams);
   std::atomic<int64_t> first_bad_row{std::numeric_limits<int64_t>::max()};
-  // Tasks of about 16K classes (at least rows_per_task's least): a fused task does twice the
-  // work of a states task per row, and finer tasks keep both threads busy to the end when one
-  // of them waits on memory.
-  const int64_t least_rows = std::max<int64_t>(1, 8192 / std::max<int64_t>(vocab, 1));
-  const int64_t task_rows = std::max(
-      least_rows, std::min(rows_per_task(rows, vocab), (int64_t{16} << 10) / std::max<int64_t>(vocab, 1)));
+  // Tasks of at most about 16K classes: a fused task does twice the work of a states task per
+  // row, and finer tasks keep both threads busy to the end when one of them waits on memory.
+  const int64_t task_rows = rows_per_task(rows, vocab, int64_t{16} << 10);
   for_each_task_of(rows, task_rows, [&](int64_t first, int64_t last) {
     const int64_t capacity = std::min(block_rows_fused, last - first);
     std::unique_ptr<float[]> owned;
@@ -936,10 +939,7 @@ at::Tensor grouped_kl_grad(
                         static_cast<char*>(grad.data_ptr()),
                         static_cast<int64_t>(grad.element_size()),
                         grad.scalar_type(),
-                        simd::kHasStreamStore && grad.scalar_type() == at::kFloat &&
-                            vocab % kWidth == 0 &&
-                            reinterpret_cast<uintptr_t>(grad.data_ptr()) % 64 == 0 &&
-                            static_cast<size_t>(grad.nbytes()) >= kStreamMinBytes,
+                        streams_gradient(grad, vocab),
                         opt.with_ce() && target.has_value()};
   std::atomic<int64_t> first_bad_row{std::numeric_limits<int64_t>::max()};
   // Rows in tasks; per task, blocks of rows: their coefficients, then their gradients.

@@ -761,6 +761,15 @@ void captured_both_row(const RowInputs& in, int64_t row, Skips skip, GroupResult
   both_row_walk<1, kLogWeight, kCrossEntropy, true>(in, row, skip, out, ce, capture);
 }
 
+// both_row<1> with its exps captured (the fused forward + gradient).
+using CapturedFn = void (*)(const RowInputs&, int64_t, Skips, GroupResult*, Online*,
+                            ExpCapture*);
+
+CapturedFn pick_captured(bool log_weight, bool ce) {
+  if (log_weight) return ce ? &captured_both_row<true, true> : &captured_both_row<true, false>;
+  return ce ? &captured_both_row<false, true> : &captured_both_row<false, false>;
+}
+
 // One model (`matrix`, at `inv_t`): m and s into the student slots of `out`.
 template <int G, bool kLogWeight, bool kCrossEntropy>
 void single_row(const RowInputs& in, const RowMatrix& matrix, float inv_t, int64_t row,
@@ -1021,8 +1030,9 @@ void target_class_group(const RowInputs& in, int64_t row, int64_t local_target, 
 }
 
 // Dense teacher (or no teacher): the kernels over the row.
+// `capture` (only where captures_exps(in): the one-group kernel over both models): its exps.
 void dense_row(const RowInputs& in, int64_t row, bool found, int64_t local_target, bool with_ce,
-               GroupResult* res, Online* ce, Scratch& sc) {
+               GroupResult* res, Online* ce, Scratch& sc, ExpCapture* capture) {
   const Options& opt = in.opt;
   const Models models = in.has_student && in.has_teacher
                             ? Models::kBoth
@@ -1046,7 +1056,9 @@ void dense_row(const RowInputs& in, int64_t row, bool found, int64_t local_targe
   Skips skip;
   if (target_rule && found) skip = Skips{&local_target, 1};
   GroupResult tmp[simd::kMaxVectorGroups];
-  if (both != nullptr) {
+  if (capture != nullptr) {
+    pick_captured(in.log_weight != nullptr, with_ce)(in, row, skip, tmp, ce, capture);
+  } else if (both != nullptr) {
     both(in, row, skip, tmp, ce);
   } else {
     const bool teacher = models == Models::kTeacher;
@@ -1272,8 +1284,9 @@ void store_extras(const RowInputs& in, int64_t row, int64_t local_target, bool f
   }
 }
 
+// `capture`: see dense_row (nullptr: none).
 void states_row(const RowContext& ctx, int64_t row, float* state_row, float* extras_row,
-                Scratch& sc) {
+                Scratch& sc, ExpCapture* capture = nullptr) {
   const RowInputs& in = ctx.in;
   const int G = in.G;
   std::fill(state_row, state_row + kSlots * G, 0.0f);
@@ -1299,7 +1312,7 @@ void states_row(const RowContext& ctx, int64_t row, float* state_row, float* ext
   if (in.has_topk) {
     topk_row(in, row, local_target, with_ce, res, &ce, sc);
   } else {
-    dense_row(in, row, found, local_target, with_ce, res, &ce, sc);
+    dense_row(in, row, found, local_target, with_ce, res, &ce, sc, capture);
   }
   for (int k = 0; k < G; ++k) store_group(state_row, G, k, res[k]);
   store_extras(in, row, local_target, found, with_ce, ce, extras_row);
@@ -1315,46 +1328,12 @@ bool captures_exps(const RowInputs& in) {
 
 void captured_states_row(const RowInputs& in, int64_t row, float* state_row, float* extras_row,
                          ExpCapture& capture) {
-  const int G = in.G;
-  std::fill(state_row, state_row + kSlots * G, 0.0f);
-  std::fill(extras_row, extras_row + kExtras, 0.0f);
-  capture.chunks = 0;
+  capture.chunks = 0;  // an invalid row is not walked
   capture.epoch_count = 0;
   capture.overflow = false;
-  if (!in.valid[row]) return;
-  int64_t local_target = -1;
-  bool found = false;
-  if (in.has_target) {
-    local_target = in.local_target(row);
-    found = local_target >= 0 && local_target < in.vocab;
-  }
-  const bool with_ce = in.opt.with_ce() && in.has_target;
-  // As dense_row: the TARGET rule's group 1 is the walk over every class but the target, its
-  // group 0 the target alone (its lane of the capture holds exps of -inf: 0).
-  const bool target_rule = in.opt.group_rule == kGroupTarget;
-  Skips skip;
-  if (target_rule && found) skip = Skips{&local_target, 1};
-  GroupResult res[2];
-  GroupResult* walked = target_rule ? res + 1 : res;
-  Online ce;
-  if (in.log_weight != nullptr) {
-    if (with_ce) {
-      captured_both_row<true, true>(in, row, skip, walked, &ce, &capture);
-    } else {
-      captured_both_row<true, false>(in, row, skip, walked, &ce, &capture);
-    }
-  } else if (with_ce) {
-    captured_both_row<false, true>(in, row, skip, walked, &ce, &capture);
-  } else {
-    captured_both_row<false, false>(in, row, skip, walked, &ce, &capture);
-  }
-  if (target_rule && found) {
-    thread_local Scratch scratch;
-    target_class_group(in, row, local_target, Models::kBoth, res, scratch);
-    if (with_ce) ce.add(static_cast<double>(in.student.value(row, local_target)));
-  }
-  for (int k = 0; k < G; ++k) store_group(state_row, G, k, res[k]);
-  store_extras(in, row, local_target, found, with_ce, ce, extras_row);
+  std::atomic<int64_t> no_topk{0};  // no top-k entries here: no bad row to report
+  thread_local Scratch scratch;
+  states_row(RowContext{in, no_topk}, row, state_row, extras_row, scratch, &capture);
 }
 
 void states_into(const RowInputs& in, float* state, float* extras) {

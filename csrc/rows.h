@@ -102,13 +102,13 @@ inline void fill_zero(void* dst, int64_t n, int64_t element_bytes) {
 // when it did not, 300-420 ms when it did). The 4 KiB first-touch faults are avoided instead by
 // reusing freed gradient buffers (gradient_cache.h).
 
-// Rows per task: about 64K classes, so that a task outweighs taking it (per-task set-up
-// included); but a problem that would be one task of at least 8K classes is split into one
+// Rows per task: about 64K classes (`most_classes`), so that a task outweighs taking it
+// (per-task set-up included); but a problem that would be one task of at least 8K classes is split into one
 // task per thread (a CIFAR-size batch, 128 x 100: its C++ forward + backward measured 39 us on
 // one thread, 32 on two). A flat 8K classes per task instead cost 10-17% at N = 512, V = 8142.
-inline int64_t rows_per_task(int64_t rows, int64_t vocab) {
+inline int64_t rows_per_task(int64_t rows, int64_t vocab, int64_t most_classes = 65536) {
   const int64_t v = std::max<int64_t>(vocab, 1);
-  const int64_t most = std::max<int64_t>(1, 65536 / v);
+  const int64_t most = std::max<int64_t>(1, most_classes / v);
   const int64_t least = std::max<int64_t>(1, 8192 / v);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   return std::clamp((rows + threads - 1) / threads, least, most);
