@@ -11,6 +11,15 @@ What each number is:
   one call each per round, so that other work on the machine hits them all alike. On CUDA
   each call is bracketed by CUDA events (device time) and the L2 cache is flushed in the
   set-up; on the CPU a ``perf_counter`` pair (the CPU runs the ops synchronously).
+- **device time, host hidden** (CUDA): the events alone would also count the host's time
+  before the region's first launch, as the device idles from the start event until work
+  arrives: a call of small kernels would measure its Python. So, as in a training loop whose
+  host runs ahead of the device, a spin kernel (``torch.cuda._sleep``) is queued before the
+  start event, several times longer than the region's host time seen in the warm-up: the host
+  queues the whole region while the device spins, and the events time the device's work
+  alone. The host's own time per call (``perf_counter`` around the region, no sync) is kept
+  beside it as ``host_ms``: where it exceeds the device time, a call without CUDA graphs is
+  bound by the host (the report marks such rows).
 - **peak memory**: the most bytes held by PyTorch tensors during one call of the region,
   above what was held just before it (the inputs, and in ``backward`` mode the forward's
   saved tensors, are not counted; the forward's output and saved tensors are). On CUDA,
@@ -48,6 +57,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     reps: int
+    host_median_ms: Optional[float] = None  # CUDA: the host's time per call (no sync)
 
 
 def quantile(sorted_values: List[float], q: float) -> float:
@@ -138,20 +148,50 @@ def quiet_native_stderr():
         os.close(saved)
 
 
-def _timed_call(setup, region, index: int, device: torch.device) -> float:
-    """One call of ``region(setup(index))``; returns the milliseconds of the region alone."""
+# Spin cycles per millisecond for torch.cuda._sleep: a clock of 2 GHz or more (H100/H200 boost
+# 1.98 GHz); a slower clock only spins longer, which hides the host all the same.
+_SPIN_CYCLES_PER_MS = 2_000_000
+# A region that synchronises with the device (eager code with data-dependent shapes) is not
+# helped by any spin: the bound keeps such a region's wasted wall time small.
+_SPIN_MAX_MS = 20.0
+
+
+def _spin(device: torch.device, ms: float) -> None:
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is not None and ms > 0:
+        with torch.cuda.device(device):
+            sleep(int(ms * _SPIN_CYCLES_PER_MS))
+
+
+def _timed_call(setup, region, index: int, device: torch.device,
+                spin_ms: float = 0.0) -> Tuple[float, float]:
+    """One call of ``region(setup(index))``: ``(milliseconds of the region, host milliseconds)``.
+
+    On CUDA the first is device time between two events, with ``spin_ms`` of device spin queued
+    before the first so that the host's launching stays out (see the module's docstring); the
+    second is the host's time to run the region (no sync), the same on the CPU.
+    """
     state = setup(index)
     if device.type == "cuda":
         _flush_cuda_cache(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _spin(device, spin_ms)
         start.record()
+        start_s = time.perf_counter()
         region(state)
+        host_ms = (time.perf_counter() - start_s) * 1e3
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end), host_ms
     start_s = time.perf_counter()
     region(state)
-    return (time.perf_counter() - start_s) * 1e3
+    elapsed = (time.perf_counter() - start_s) * 1e3
+    return elapsed, elapsed
+
+
+def _spin_for(host_ms: float) -> float:
+    """Device spin that covers a region whose host time is ``host_ms``, with a wide margin."""
+    return min(max(0.5, 3.0 * host_ms + 0.2), _SPIN_MAX_MS)
 
 
 def time_interleaved(candidates: Dict[str, Tuple[Callable, Callable]], device: torch.device, *,
@@ -171,6 +211,8 @@ def time_interleaved(candidates: Dict[str, Tuple[Callable, Callable]], device: t
     warmed = warmed or {}
     results: Dict[str, object] = {}
     samples: Dict[str, List[float]] = {}
+    hosts: Dict[str, List[float]] = {}
+    spin: Dict[str, float] = {}
     peaks: Dict[str, Optional[int]] = {}
     for name, (setup, region) in candidates.items():
         try:
@@ -186,7 +228,13 @@ def time_interleaved(candidates: Dict[str, Tuple[Callable, Callable]], device: t
                     region(state)
                 del state
                 synchronize(device)
+            # The host time of a warmed call sets the spin that hides it (CUDA): one more
+            # untimed call, after the warm-up so that no run-time compilation enters it.
+            spin[name] = 0.0
+            if device.type == "cuda":
+                spin[name] = _spin_for(_timed_call(setup, region, warmup, device)[1])
             samples[name] = []
+            hosts[name] = []
         except Exception as error:  # noqa: BLE001  (reported per candidate by the caller)
             results[name] = error
     index = warmup
@@ -199,7 +247,9 @@ def time_interleaved(candidates: Dict[str, Tuple[Callable, Callable]], device: t
         for name in active:
             setup, region = candidates[name]
             try:
-                samples[name].append(_timed_call(setup, region, index, device))
+                elapsed, host_ms = _timed_call(setup, region, index, device, spin[name])
+                samples[name].append(elapsed)
+                hosts[name].append(host_ms)
             except Exception as error:  # noqa: BLE001
                 results[name] = error
         index += 1
@@ -208,7 +258,10 @@ def time_interleaved(candidates: Dict[str, Tuple[Callable, Callable]], device: t
             continue
         times.sort()
         results[name] = (Timing(median_ms=statistics.median(times), p20_ms=quantile(times, 0.2),
-                                p80_ms=quantile(times, 0.8), reps=len(times)), peaks[name])
+                                p80_ms=quantile(times, 0.8), reps=len(times),
+                                host_median_ms=(statistics.median(hosts[name])
+                                                if device.type == "cuda" else None)),
+                         peaks[name])
     return {name: results[name] for name in candidates}
 
 

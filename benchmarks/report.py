@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 FIELDS = (
     "case", "loss", "provider", "mode", "N", "V", "G", "D", "k", "dtype", "status", "median_ms",
-    "p20_ms", "p80_ms", "reps", "peak_mem_mib", "floor_bytes", "floor_ms", "gb_per_s",
+    "p20_ms", "p80_ms", "reps", "host_ms", "peak_mem_mib", "floor_bytes", "floor_ms", "gb_per_s",
     "fraction_of_floor", "x_eager", "x_compile", "loss_rel_err", "grad_rel_err", "check_rows",
     "compile_s", "input_sets", "inputs_fit_in_cache", "note",
 )
@@ -88,6 +88,7 @@ COLUMNS = (
     ("status", lambda r: r["status"] or "", False),
     ("median ms", lambda r: _fmt(r["median_ms"], ".3f"), True),
     ("20-80% ms", lambda r: "" if r["p20_ms"] is None else f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", True),
+    ("host ms", lambda r: _fmt(r.get("host_ms"), ".3f"), True),
     ("peak MiB", lambda r: _fmt(r["peak_mem_mib"], ".1f"), True),
     ("floor", lambda r: "" if r["fraction_of_floor"] is None else f"{100 * r['fraction_of_floor']:.1f}%", True),
     ("x eager", lambda r: _speedup(r.get("x_eager")), True),
@@ -161,6 +162,8 @@ def cell(row: Optional[Dict], what: str = "time") -> str:
     if what == "time":
         memory = row["peak_mem_mib"]
         return f"{number(row['median_ms'])} ms" + ("" if memory is None else f" · {number(memory)} MiB")
+    if what == "host":
+        return f"{number(row['host_ms'])} ms"
     if what == "speedup":
         return _speedup(row.get("x_eager")) or "—"
     return f"{number(row['gb_per_s'])} GB/s ({number(100 * row['fraction_of_floor'])}%)"

@@ -173,6 +173,12 @@ def summary_markdown(result, rows: List[Dict], metadata: Dict) -> str:
     if full:
         lines += ["## full: achieved GB/s (fraction of the copy-bandwidth floor)", ""]
         lines += pivot(full, "full", "bandwidth") + [""]
+    hosted = [r for r in timed if r["mode"] == "full" and r.get("host_ms") is not None]
+    if hosted:
+        lines += ["## full: host time per call (the bound of a step run without CUDA graphs)", "",
+                  "The times above are the device's, the host's launching hidden by a spin "
+                  "queued before each call (benchmarks/measure.py); this is the host's.", ""]
+        lines += pivot(hosted, "full", "host") + [""]
     if metadata.get("messages"):
         lines += ["## Messages of the run", ""] + [f"- {m}" for m in metadata["messages"]]
     return "\n".join(lines) + "\n"

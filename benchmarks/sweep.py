@@ -193,7 +193,7 @@ def fill_timing(row: dict, result, floor_bytes: Optional[int], ctx: Context) -> 
         return row
     timing, peak = result
     row.update(status="ok", median_ms=timing.median_ms, p20_ms=timing.p20_ms,
-               p80_ms=timing.p80_ms, reps=timing.reps,
+               p80_ms=timing.p80_ms, reps=timing.reps, host_ms=timing.host_median_ms,
                peak_mem_mib=None if peak is None else peak / 2 ** 20)
     if floor_bytes:
         floor_ms = floor_bytes / (ctx.bandwidth_gbps * 1e9) * 1e3
