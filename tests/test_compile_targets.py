@@ -478,7 +478,7 @@ def build_table(archs=ARCHS, workers: Optional[int] = None, core: bool = False) 
 
 def _config_text(kernel, v) -> str:
     keys = [k for k in ("GROUP_RULE", "TOPK", "GC", "G_LIVE", "VEC", "UNROLL", "BLOCK_G", "BLOCK_R",
-                        "REDUCTION", "ONE_TILE", "BLOCK_P", "BLOCK_D", "BLOCK_C", "BLOCK")
+                        "REDUCTION", "ONE_TILE", "BLOCK_P", "BLOCK_D", "BLOCK_C", "BLOCK", "CW_LOG")
             if k in v]
     flags = [k for k, x in v.items() if isinstance(x, bool) and x and k.isupper()]
     return " ".join([f"{k}={v[k]}" for k in keys] + flags + [f"w{v.get('num_warps', 4)}"])

@@ -381,6 +381,131 @@ def test_group_logsumexp_takes_the_ordered_walk(ops, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# The compact copy of the group ids (int8 up to 126 groups, else int16), taken from a size on:
+# forced at every size here.
+
+@pytest.fixture
+def compact_ids_always(ops, monkeypatch):
+    monkeypatch.setattr(ops, "COMPACT_MIN_ROWS", 1)
+    monkeypatch.setattr(ops, "COMPACT_MIN_ELEMENTS", 0)
+
+
+def test_compact_ids_narrowest_type_and_bad_ids_kept_bad(ops, compact_ids_always):
+    groups = torch.tensor([0, 2, 3, -1, -7, 2 ** 40, 1])
+    compact = ops._compact_ids(groups, 3, rows=4)
+    assert compact.dtype == torch.int8
+    assert compact.tolist() == [0, 2, 3, -1, -1, 3, 1]     # outside [0, G): -1 or G, still bad
+    assert groups.tolist()[5] == 2 ** 40                    # the input is not modified
+    assert ops._compact_ids(groups, 126, rows=4).dtype == torch.int8
+    assert ops._compact_ids(groups, 127, rows=4).dtype == torch.int16
+    assert ops._compact_ids(groups, 40000, rows=4).dtype == torch.int32
+    narrow = groups.to(torch.int8)
+    assert ops._compact_ids(narrow, 3, rows=4) is narrow    # nothing narrower to take
+
+
+def test_compact_ids_only_from_the_size_on(ops):
+    groups = torch.randint(3, (1000,))
+    assert ops._compact_ids(groups, 3, rows=ops.COMPACT_MIN_ROWS - 1) is groups
+    small = ops.COMPACT_MIN_ELEMENTS // 1000 - 1
+    assert ops._compact_ids(groups, 3, rows=max(small, ops.COMPACT_MIN_ROWS)).dtype == (
+        torch.int64 if small >= ops.COMPACT_MIN_ROWS else torch.int8)
+    rows = -(-ops.COMPACT_MIN_ELEMENTS // 1000)
+    assert ops._compact_ids(groups, 3, rows=rows).dtype == torch.int8
+
+
+@pytest.mark.parametrize("num_groups, ids", [(3, torch.int64), (8, torch.int32), (126, torch.int64),
+                                             (127, torch.int64), (300, torch.int32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_ids_match_torch(ops, compact_ids_always, num_groups, ids, dtype):
+    """Every op on the compact ids (int8 to 126 groups, int16 beyond; the CLASS walk with and
+    without per-group maxima, chunks of 16 groups) against the torch form on the originals."""
+    cfg = GroupedKLConfig(num_groups=num_groups, temperature=2.0, rebalance=True,
+                          group_rule=GROUP_CLASS)
+    vocab = 1031
+    groups = torch.randint(num_groups, (vocab,), dtype=ids)
+    groups[:5] = num_groups - 1                           # the largest id, whatever the draw
+    inputs = dict(student=(torch.randn(3, vocab) * 2).to(dtype),
+                  teacher=(torch.randn(3, vocab) * 3).to(dtype), topk_indices=None,
+                  topk_logprobs=None, groups=groups, target=None, class_weight=None, mask=None,
+                  sample_weight=None, group_logmass=None)
+    _check_against_torch(ops, inputs, cfg, dtype)
+
+
+def test_compact_ids_through_the_ordered_walk(ops, compact_ids_always):
+    """The class order is attached to the original ids; the walk reads the compact ones."""
+    cfg = GroupedKLConfig(num_groups=6, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
+    groups = torch.arange(600) // 100                     # ranges: the order is taken
+    assert class_order.remember(groups, 6) is not None
+    inputs = dict(student=torch.randn(3, 600), teacher=torch.randn(3, 600), topk_indices=None,
+                  topk_logprobs=None, groups=groups, target=None, class_weight=None, mask=None,
+                  sample_weight=None, group_logmass=None)
+    taken = []
+    original = ops._k.grouped_kl_states_kernel
+
+    class Spy:
+        fn = original.fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                taken.append((meta["ORDER"], args[4].dtype))
+                return original[grid](*args, **meta)
+            return launch
+
+    ops._k.grouped_kl_states_kernel = Spy()
+    try:
+        _check_against_torch(ops, inputs, cfg)
+    finally:
+        ops._k.grouped_kl_states_kernel = original
+    assert taken and all(t == (True, torch.int8) for t in taken)
+
+
+@pytest.mark.parametrize("name", ["bkd_ce_weights", "kd_topk_weights", "ltkd_weights"])
+def test_class_weights_given_as_logs_match_torch(ops, compact_ids_always, name, monkeypatch):
+    """From the compact sizes on the launchers pass ``log w`` (CW_LOG = 2): every op, dense and
+    top-k teachers, zero weights (log 0 = -inf), against the torch form on the weights."""
+    cfg = dict(bkd_ce_weights=GroupedKLConfig(num_groups=1, temperature=3.0, ce_weight=1.0),
+               kd_topk_weights=GroupedKLConfig(num_groups=1, temperature=2.0,
+                                               topk_rule=TOPK_RENORMALIZE),
+               ltkd_weights=GroupedKLConfig(num_groups=3, temperature=2.0, rebalance=True,
+                                            group_rule=GROUP_CLASS))[name]
+    vocab = 517
+    weight = torch.rand(vocab) + 0.05
+    weight[[1, 200]] = 0.0
+    teacher = torch.randn(4, vocab) * 3
+    inputs = dict(student=torch.randn(4, vocab) * 2, teacher=teacher, topk_indices=None,
+                  topk_logprobs=None, groups=None, target=torch.randint(vocab, (4,)),
+                  class_weight=weight, mask=None, sample_weight=None, group_logmass=None)
+    if cfg.group_rule == GROUP_CLASS:
+        inputs["groups"] = torch.randint(3, (vocab,))
+    if cfg.topk_rule == TOPK_RENORMALIZE:
+        top = lk.topk_teacher(teacher, 16)
+        inputs.update(teacher=None, topk_indices=top.indices, topk_logprobs=top.logprobs)
+    modes = []
+    launch = ops._launch
+
+    def spy(kernel, grid, *args, **meta):
+        if "CW_LOG" in meta:
+            modes.append(meta["CW_LOG"])
+        return launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    _check_against_torch(ops, inputs, cfg)
+    assert weight[1] == 0.0 and modes and all(mode == 2 for mode in modes)
+
+
+@pytest.mark.parametrize("bad_id", [3, -1, 2 ** 31 - 1, 2 ** 40, 131])
+def test_bad_group_id_gives_nan_rows_through_compact_ids(ops, compact_ids_always, bad_id):
+    student, teacher, groups, cfg = _ltkd_inputs()
+    groups[17] = bad_id
+    loss, state, extras, saved = ops.loss_forward(student, teacher, None, None, groups, None,
+                                                  None, None, None, None, None, cfg)
+    assert torch.isnan(state).all() and torch.isnan(loss).all()
+    grad = ops.grad(student, teacher, None, None, groups, None, None, None, None, None, state,
+                    extras, saved, torch.ones(loss.shape), cfg)
+    assert torch.isnan(grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad indices: a NaN row, never a crash (no host synchronisation to raise with).
 
 def _ltkd_inputs(rows=3, vocab=50):

@@ -5,7 +5,8 @@
 :mod:`ltkd_kernels.ops.grouped_kl_torch` (the executable specification they are tested
 against). A launcher only reads shapes, dtypes and strides, allocates, picks the
 specialisation and the grid, and launches: no host synchronisation, no torch arithmetic
-(but for ``forced_walk("ordered")`` on groups without an attached class order: tests).
+(but for ``forced_walk("ordered")`` on groups without an attached class order: tests; and the
+compact copy of the group ids at large sizes, ``_compact_ids``: two elementwise ops).
 
 Launches: ``states`` is one kernel, plus the slice merge when rows are split over the
 vocabulary; ``finish`` and ``grad`` are one each. ``loss_forward`` is ``states`` + ``finish``
@@ -31,8 +32,11 @@ How blocks and warps are chosen (the rule, no autotuning):
   wider load of the order would need a layout conversion of every gathered tile), 8 per lane
   per iteration; one program per (row, slice) for any G. ``walk_override`` (module setting,
   or the :func:`forced_walk` context) forces the walk.
-- bf16 rows with an even row stride are read as int32 pairs (``PAIRS_*``); on a GPU the class
-  weights' log is the hardware approximation (``FAST``; the interpreter keeps ``tl.log``).
+- bf16 rows with an even row stride are read as int32 pairs (``PAIRS_*``). Class weights:
+  from ``COMPACT_MIN_ROWS`` rows and ``COMPACT_MIN_ELEMENTS`` elements the launchers pass
+  their logs, taken once per call (``CW_LOG = 2``: no log per class and row); below, the
+  kernels take the log, the hardware approximation on a GPU (``CW_LOG = 1``; the interpreter
+  keeps ``tl.log``, 0). Group ids likewise: a compact copy from those sizes (``_compact_ids``).
 - The gradient kernel is compiled without FMA contraction (``enable_fp_fusion=False``): its
   ``pt = exp2(fma(x / T - ref(m), log2 e, -log2 s))`` (the difference first, exact near the
   maximum; the log-sum in one explicit fma) are exactly 1 at a one-class group's maximum, as
@@ -83,6 +87,11 @@ MERGE_BLOCK_G = 1024
 # row, or no more than the CLASS walk's reads of the row (one per chunk of groups).
 ORDER_MAX_SECTORS = 1.25
 ORDER_VEC = 1
+# Group ids are read once per row (per program, from L2): as int64 they are 4 times the bytes
+# of a bf16 row of each model, and at language-model sizes L2 then serves three times the
+# bytes HBM does. From these sizes on the launchers read a compact copy (see _compact_ids).
+COMPACT_MIN_ROWS = 8
+COMPACT_MIN_ELEMENTS = 1 << 20
 
 def _launch(kernel, grid, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``, counted by :mod:`ltkd_kernels.ops.launches`."""
@@ -134,6 +143,39 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _compact_ids(groups, num_groups: int, rows: int):
+    """The group ids the walks read: ``groups`` itself, or from ``COMPACT_MIN_ROWS`` rows and
+    ``COMPACT_MIN_ELEMENTS`` classes x rows a copy in the narrowest integer type that holds
+    ``[-1, G]`` (int8 up to 126 groups), made on every call (two elementwise ops; a copy kept
+    across calls could go stale under a write that bypasses the version counter). Ids outside
+    ``[0, G)`` are clamped to -1 or G, which the kernels' id check rejects as it does the
+    originals (a NaN row), so the copy never turns a bad id into a valid one."""
+    if groups is None or rows < COMPACT_MIN_ROWS or rows * groups.shape[0] < COMPACT_MIN_ELEMENTS:
+        return groups
+    for narrow in (torch.int8, torch.int16, torch.int32):
+        if num_groups < torch.iinfo(narrow).max:
+            break
+    if groups.dtype.itemsize <= narrow.itemsize:
+        return groups
+    return groups.clamp(-1, num_groups).to(narrow)
+
+
+def _log_class_weights(class_weight, rows: int):
+    """``(weights the kernels read, whether they are the logs)``: from the same sizes as
+    :func:`_compact_ids`, ``log w`` in float32 taken once per call (one op), so that the walks
+    take no log per class and row; below, the weights (the kernels take their log)."""
+    if (class_weight is None or rows < COMPACT_MIN_ROWS
+            or rows * class_weight.shape[0] < COMPACT_MIN_ELEMENTS):
+        return class_weight, False
+    return torch.log(class_weight.to(torch.float32)), True
+
+
+def _cw_log_mode(cw_log: bool) -> int:
+    """The kernels' ``CW_LOG``: 2 the weights' logs are given; else 1 (the hardware log, a GPU)
+    or 0 (``tl.log``, the interpreter)."""
+    return 2 if cw_log else (0 if _interpreted() else 1)
+
+
 def _pairs(t) -> bool:
     """A bf16 row the walk may read as int32 pairs (even row stride, 4-byte aligned)."""
     return (t is not None and t.dtype == torch.bfloat16 and t.stride(0) % 2 == 0
@@ -175,11 +217,12 @@ def _group_layout(cfg: GroupedKLConfig):
 
 def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, cw_dtype,
                 has_topk: bool, has_target: bool, has_mask: bool, topk_k: int = 0,
-                pairs_s: bool = False, pairs_t: bool = False, ordered: bool = False) -> Dict:
+                pairs_s: bool = False, pairs_t: bool = False, ordered: bool = False,
+                cw_log: bool = False) -> Dict:
     """``(constexprs and warps of grouped_kl_states_kernel, chunks of groups)`` for these
     inputs (dtypes and flags only: shared with the compile test's listing). ``ordered``: the
     CLASS rule's groups walked one by one through the class order (when the walk is a CLASS
-    walk at all)."""
+    walk at all). ``cw_log``: the class weights are given as their logs."""
     gc, live, block_g, chunks = _group_layout(cfg)
     has_s = student_dtype is not None
     dense_t = teacher_dtype is not None and not has_topk
@@ -197,7 +240,7 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                     VEC=ORDER_VEC, UNROLL=max(1, CLASSES_PER_LANE // ORDER_VEC),
                     BLOCK_K=_pow2(max(topk_k, 1)),
                     BLOCK_G=_pow2(cfg.num_groups), BAD_OR=False,
-                    PAIRS_S=False, PAIRS_T=False, FAST=not _interpreted(), ORDER=True,
+                    PAIRS_S=False, PAIRS_T=False, CW_LOG=_cw_log_mode(cw_log), ORDER=True,
                     LANES=LANES, num_warps=NUM_WARPS), 1
     # The CE sums come from the groups' own when the student's groups cover every class at
     # T = 1 exactly; else each element adds its own exp (BUCKET's rest leaves the entries out).
@@ -217,7 +260,7 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                 VEC=vec, UNROLL=unroll,
                 BLOCK_K=_pow2(max(topk_k, 1)), BLOCK_G=block_g, BAD_OR=bad_or,
                 PAIRS_S=pairs_s and (dense_s or ce_sep), PAIRS_T=pairs_t and dense_t,
-                FAST=not _interpreted(), ORDER=False, LANES=LANES, num_warps=NUM_WARPS), chunks
+                CW_LOG=_cw_log_mode(cw_log), ORDER=False, LANES=LANES, num_warps=NUM_WARPS), chunks
 
 
 def _class_order(cfg: GroupedKLConfig, groups, student, teacher, has_topk: bool):
@@ -257,7 +300,7 @@ def finish_meta(cfg: GroupedKLConfig, has_mask: bool, has_target: bool, has_sw: 
 
 def grad_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, cw_dtype,
               has_topk: bool, has_target: bool, has_mask: bool, has_sw: bool, has_glm: bool,
-              topk_k: int = 0) -> Dict:
+              topk_k: int = 0, cw_log: bool = False) -> Dict:
     topk = cfg.topk_rule if has_topk else TEACHER_DENSE
     dense_t = teacher_dtype is not None and not has_topk
     bucket = topk == TOPK_BUCKET
@@ -271,7 +314,7 @@ def grad_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, 
                 ONE_GROUP=cfg.num_groups == 1 and not has_glm and not bucket,
                 VEC=vec, UNROLL=max(1, CLASSES_PER_LANE // vec), LANES=LANES,
                 BLOCK_G=_pow2(cfg.num_groups),
-                BLOCK_K=_pow2(max(topk_k, 1)), FAST=not _interpreted(),
+                BLOCK_K=_pow2(max(topk_k, 1)), CW_LOG=_cw_log_mode(cw_log),
                 num_warps=NUM_WARPS,
                 # Without FMA contraction every pt (x / T - ref(m) first) is exactly 1 at a
                 # one-class group's maximum (the gradient's exact zeros of the torch form).
@@ -345,10 +388,12 @@ def states(student, teacher, topk_indices, topk_logprobs, groups, target, class_
     has_topk = cfg.topk_rule != TEACHER_DENSE and topk_indices is not None
     k = topk_indices.shape[1] if has_topk else 0
     order = _class_order(cfg, groups, student, teacher, has_topk)
+    groups = _compact_ids(groups, G, rows)  # (after the order: it is attached to the original)
+    class_weight, cw_log = _log_class_weights(class_weight, rows)
     meta, chunks = states_meta(cfg, _dtype(student), _dtype(teacher), _dtype(groups),
                                _dtype(class_weight), has_topk, target is not None,
                                mask is not None, k, _pairs(student), _pairs(teacher),
-                               order is not None)
+                               order is not None, cw_log=cw_log)
     if not meta["ORDER"]:
         order = None
     block = LANES * meta["VEC"] * meta["UNROLL"]
@@ -419,11 +464,13 @@ def grad(student, teacher, topk_indices, topk_logprobs, groups, target, class_we
     out = torch.empty((rows, vocab), dtype=student.dtype, device=student.device)
     if rows == 0 or vocab == 0:
         return out
+    groups = _compact_ids(groups, G, rows)
+    class_weight, cw_log = _log_class_weights(class_weight, rows)
     has_topk = cfg.topk_rule != TEACHER_DENSE and topk_indices is not None
     k = topk_indices.shape[1] if has_topk else 0
     meta = grad_meta(cfg, student.dtype, _dtype(teacher), _dtype(groups), _dtype(class_weight),
                      has_topk, target is not None, mask is not None, sample_weight is not None,
-                     group_logmass is not None, k)
+                     group_logmass is not None, k, cw_log=cw_log)
     block = LANES * meta["VEC"] * meta["UNROLL"]
     num_splits, slice_len = _splits(rows, vocab, block, student.device)
     class_walk = cfg.group_rule == GROUP_CLASS and not (has_topk and cfg.topk_rule == TOPK_BUCKET)

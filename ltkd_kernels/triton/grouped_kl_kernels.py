@@ -108,12 +108,21 @@ def _ref(m):
 
 
 @triton.jit
-def _log(x, FAST: tl.constexpr):
-    """``log x``: the hardware approximation on a GPU (``FAST``), ``tl.log`` interpreted."""
-    if FAST:
-        return libdevice.fast_logf(x)
+def _log_weight(ptr, mask, CW_LOG: tl.constexpr):
+    """``log w`` of the class weights at ``ptr`` (``mask``: 0 where False). ``CW_LOG``: 0 the
+    weights, ``tl.log`` (the interpreter); 1 the weights, the hardware approximation (a GPU);
+    2 the weights' logs, taken by the launcher once per call (large sizes: no log per class
+    and row, which on a GPU would be one more transcendental per element)."""
+    if mask is None:
+        w = tl.load(ptr).to(tl.float32)
     else:
-        return tl.log(x)
+        w = tl.load(ptr, mask=mask, other=0.0 if CW_LOG == 2 else 1.0).to(tl.float32)
+    if CW_LOG == 2:
+        return w
+    elif CW_LOG == 1:
+        return libdevice.fast_logf(w)
+    else:
+        return tl.log(w)
 
 
 @triton.jit
@@ -229,7 +238,7 @@ def _unit_columns(cols, SUB: tl.constexpr, U: tl.constexpr):
 def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi, gbase,
                LOAD_S: tl.constexpr, DENSE_T: tl.constexpr, CLASS: tl.constexpr,
                HAS_CW: tl.constexpr, MASKED: tl.constexpr, PAIRS_S: tl.constexpr,
-               PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
+               PAIRS_T: tl.constexpr, CW_LOG: tl.constexpr, ORDER: tl.constexpr,
                U: tl.constexpr, SUB: tl.constexpr, SHIFT: tl.constexpr = 0):
     """One iteration's classes: ``U`` units of ``start + offs3`` (``[1, LANES, VEC]``), unit
     ``u`` at ``+ SHIFT + u * SUB``, as ``[LANES, U * VEC]`` tiles (columns in the order of
@@ -247,16 +256,16 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     if U > 1:
         x0, t0, g0, w0 = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
                                     pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
-                                    PAIRS_S, PAIRS_T, FAST, ORDER, U // 2, SUB, SHIFT)
+                                    PAIRS_S, PAIRS_T, CW_LOG, ORDER, U // 2, SUB, SHIFT)
         x1, t1, g1, w1 = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
                                     pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
-                                    PAIRS_S, PAIRS_T, FAST, ORDER, U // 2, SUB,
+                                    PAIRS_S, PAIRS_T, CW_LOG, ORDER, U // 2, SUB,
                                     SHIFT + (U // 2) * SUB)
         x, t, g, lw = _columns(x0, x1), _columns(t0, t1), _columns(g0, g1), _columns(w0, w1)
     else:
         x, t, g, lw = _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3,
                                  hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S,
-                                 PAIRS_T, FAST, ORDER, SHIFT)
+                                 PAIRS_T, CW_LOG, ORDER, SHIFT)
     return x, t, g, lw
 
 
@@ -264,7 +273,7 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
 def _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi, gbase,
                LOAD_S: tl.constexpr, DENSE_T: tl.constexpr, CLASS: tl.constexpr,
                HAS_CW: tl.constexpr, MASKED: tl.constexpr, PAIRS_S: tl.constexpr,
-               PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
+               PAIRS_T: tl.constexpr, CW_LOG: tl.constexpr, ORDER: tl.constexpr,
                SHIFT: tl.constexpr):
     """One unit of :func:`_load_tile`: the classes ``start + offs3 + SHIFT``, as
     ``[LANES, VEC]`` (``SHIFT`` is 0 for a masked unit)."""
@@ -309,10 +318,9 @@ def _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
         g = _lanes(tl.zeros(offs.shape, tl.int32))
     if HAS_CW:
         if MASKED:
-            w = tl.load(cw_ptr + offs, mask=inside, other=1.0).to(tl.float32)
+            lw = _lanes(_log_weight(cw_ptr + offs, inside, CW_LOG))
         else:
-            w = tl.load(cw_ptr + offs + C).to(tl.float32)
-        lw = _lanes(_log(w, FAST))
+            lw = _lanes(_log_weight(cw_ptr + offs + C, None, CW_LOG))
     else:
         lw = x
     return x, t, g, lw
@@ -468,7 +476,7 @@ def _dense_step(srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pai
                 EXACT: tl.constexpr, SHARED: tl.constexpr, MASKED: tl.constexpr,
                 EXCL: tl.constexpr,
                 HAS_EX: tl.constexpr, BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr,
-                PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
+                PAIRS_T: tl.constexpr, CW_LOG: tl.constexpr, ORDER: tl.constexpr,
                 E: tl.constexpr):
     """One iteration over ``E // VEC`` units of classes ``start + offs3`` (``[1, LANES, VEC]``;
     see :func:`_load_tile`), ``E`` per lane.
@@ -487,7 +495,7 @@ def _dense_step(srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pai
     LOAD_S: tl.constexpr = DENSE_S or CE_SEP
     x, t, g, lw = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi,
                              gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S, PAIRS_T,
-                             FAST, ORDER, E // offs3.shape[2], offs3.shape[1] * offs3.shape[2])
+                             CW_LOG, ORDER, E // offs3.shape[2], offs3.shape[1] * offs3.shape[2])
     if ORDER:
         bad = bad | tl.max((g != gbase).to(tl.int32), axis=1)
     if SHARED:
@@ -578,7 +586,7 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
                 DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
                 CE_SEP: tl.constexpr, EXACT: tl.constexpr, SHARED: tl.constexpr,
                 EXCL: tl.constexpr, BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr,
-                PAIRS_T: tl.constexpr, FAST: tl.constexpr, ORDER: tl.constexpr,
+                PAIRS_T: tl.constexpr, CW_LOG: tl.constexpr, ORDER: tl.constexpr,
                 GC: tl.constexpr, G_LIVE: tl.constexpr, VEC: tl.constexpr,
                 UNROLL: tl.constexpr, LANES: tl.constexpr):
     """Walk classes ``[lo, hi)``: full blocks of ``LANES * VEC * UNROLL`` unmasked, then the
@@ -629,7 +637,7 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
                 srow, trow, groups_ptr, order_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3,
                 no_ex, mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
                 inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT,
-                SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, FAST, ORDER, E)
+                SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, CW_LOG, ORDER, E)
     else:
         blk = 0
         while blk < nfull:
@@ -642,7 +650,7 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
                     srow, trow, groups_ptr, order_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3,
                     no_ex, mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
                     inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP,
-                    EXACT, SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, FAST, ORDER, E)
+                    EXACT, SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, CW_LOG, ORDER, E)
             if nxt < nfull:
                 start = lo + nxt * BLOCK
                 ex, p = _excluded_mask(excl_ptr, p, pend, t_local, start, start + BLOCK, offs,
@@ -651,7 +659,7 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
                     srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pair3, ex,
                     mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
                     inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP,
-                    EXACT, SHARED, False, EXCL, True, BAD_OR, PAIRS_S, PAIRS_T, FAST, ORDER, E)
+                    EXACT, SHARED, False, EXCL, True, BAD_OR, PAIRS_S, PAIRS_T, CW_LOG, ORDER, E)
             blk = nxt + 1
     # The remainder, one masked sub-tile at a time (a fraction of the loop's code).
     no_ex_tail = tail < 0
@@ -664,7 +672,7 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
             srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, offs3, ex,
             mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase, inv_t,
             c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, SHARED,
-            True, EXCL, EXCL != 0, BAD_OR, False, False, FAST, ORDER, VEC)
+            True, EXCL, EXCL != 0, BAD_OR, False, False, CW_LOG, ORDER, VEC)
     return mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice
 
 
@@ -817,7 +825,7 @@ def _merge_lanes_single(LX, sX):
 @triton.jit
 def _entries(idx_row, lp_row, srow, groups_ptr, cw_ptr, K, V, G, inv_t, t_local, gbase, kk, refS,
              TOPK: tl.constexpr, GROUP_RULE: tl.constexpr, HAS_S: tl.constexpr,
-             HAS_CW: tl.constexpr, FAST: tl.constexpr, BLOCK_K: tl.constexpr):
+             HAS_CW: tl.constexpr, CW_LOG: tl.constexpr, BLOCK_K: tl.constexpr):
     """The row's top-k entries -> per group of the chunk ``[GC]``: teacher slots and ``g``
     (relative to the student reference ``refS``: the slice's student maxima, or, with
     RESTRICT, the entries' own), the student slots over the entries (RESTRICT, BUCKET's top),
@@ -839,7 +847,7 @@ def _entries(idx_row, lp_row, srow, groups_ptr, cw_ptr, K, V, G, inv_t, t_local,
     sidx = tl.minimum(tl.maximum(idx, 0), tl.maximum(V - 1, 0))
     a = lp * inv_t
     if HAS_CW:
-        a += _log(tl.load(cw_ptr + sidx, mask=in_k, other=1.0).to(tl.float32), FAST)
+        a += _log_weight(cw_ptr + sidx, in_k, CW_LOG)
     a = tl.where(valid, a, float("-inf"))
     if HAS_S:
         b = tl.load(srow + sidx, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
@@ -890,7 +898,7 @@ def grouped_kl_states_kernel(
     order_ptr,        # (V,) int32 the classes sorted by group, ascending within a group (ORDER)
     bounds_ptr,       # (G + 1,) int32: group k's classes are order[bounds[k]:bounds[k + 1]]
     target_ptr,       # (N,) int32/int64 target class of each row, global id (HAS_TARGET)
-    cw_ptr,           # (V,) float class weights w, a = z^T / T + log w (HAS_CW)
+    cw_ptr,           # (V,) float class weights w, or their logs (CW_LOG = 2): a = z^T / T + log w (HAS_CW)
     mask_ptr,         # (N,) bool/int row mask, nonzero = valid (HAS_MASK)
     state_ptr,        # out (S, N, 5, G) fp32: per V-slice partial states (S = 1: the state)
     extras_ptr,       # out (S, N, 4) fp32: per V-slice partial extras [m^X, s^X, x_t, found]
@@ -931,7 +939,7 @@ def grouped_kl_states_kernel(
     BAD_OR: tl.constexpr,       # G is G_LIVE, a power of two: bad ids found by OR-ing the ids
     PAIRS_S: tl.constexpr,      # student bf16 with even row stride: read as int32 pairs
     PAIRS_T: tl.constexpr,      # teacher bf16 with even row stride: read as int32 pairs
-    FAST: tl.constexpr,         # compiled for a GPU: hardware log approximation
+    CW_LOG: tl.constexpr,       # class weights: 0 tl.log, 1 hardware log, 2 given as logs
     ORDER: tl.constexpr,        # CLASS rule: walk the groups one by one through the class order
     LANES: tl.constexpr,        # 32 * num_warps: one lane per thread
 ):
@@ -1023,7 +1031,7 @@ def grouped_kl_states_kernel(
                     mS, mT, sS, sT, h, LX, LT, LA_k, sX_k, bad_k, seen, twice = _dense_pass(
                         srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, glo, ghi, t_local,
                         p0, pend, k, G, inv_t, no_ref, no_ref, False, DENSE_S, DENSE_T, WITH_H,
-                        HAS_CW, CE_SEP, False, False, 0, False, False, False, FAST, True, 1, 1,
+                        HAS_CW, CE_SEP, False, False, 0, False, False, False, CW_LOG, True, 1, 1,
                         VEC, UNROLL, LANES)
                     bad_lanes = bad_lanes | bad_k
                     dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
@@ -1046,7 +1054,7 @@ def grouped_kl_states_kernel(
             mS, mT, sS, sT, h, LX, LT, LA, sX, bad_gid, seen, twice = _dense_pass(
                 srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend,
                 gbase, G, inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW,
-                CE_SEP, False, SHARED_WALK, EXCL, BAD_OR, PAIRS_S, PAIRS_T, FAST, False, GC,
+                CE_SEP, False, SHARED_WALK, EXCL, BAD_OR, PAIRS_S, PAIRS_T, CW_LOG, False, GC,
                 G_LIVE, VEC, UNROLL, LANES)
             if BAD_OR:
                 bad = bad | (tl.max(bad_gid, axis=0).to(tl.uint32, bitcast=True) >= G)
@@ -1077,7 +1085,7 @@ def grouped_kl_states_kernel(
                     mS, mT, sS, sT, h, LX, LT, LA2, sX2, bad_gid, seen, twice = _dense_pass(
                         srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, lo, hi, t_local, p0,
                         pend, gbase, G, inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T,
-                        WITH_H, HAS_CW, False, False, False, EXCL, BAD_OR, False, False, FAST,
+                        WITH_H, HAS_CW, False, False, False, EXCL, BAD_OR, False, False, CW_LOG,
                         False, GC, G_LIVE, 1, 1, LANES)
                     dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
                         mS, mT, sS, sT, h, LX, LT, inv_t, CLASS_WALK, DENSE_S, DENSE_T, WITH_H,
@@ -1096,7 +1104,7 @@ def grouped_kl_states_kernel(
                         srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, lo, hi, t_local, p0,
                         pend, gbase, G, inv_t, _ref(raw_s * (inv_t * LOG2E)), _ref(raw_t * c_ta),
                         CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW, False, True, False, EXCL,
-                        BAD_OR, False, False, FAST, False, GC, G_LIVE, 1, 1, LANES)
+                        BAD_OR, False, False, CW_LOG, False, GC, G_LIVE, 1, 1, LANES)
                     ds_s, ds_t, dg = _merge_lanes_exact(sS, sT, h, dm_s, dm_t, inv_t, DENSE_S,
                                                         DENSE_T, WITH_H, HAS_CW)
             ds_s, ds_t, dg = _scaled_limits(dm_s, ds_s, dm_t, ds_t, dg, DENSE_S, DENSE_T, WITH_H)
@@ -1129,7 +1137,7 @@ def grouped_kl_states_kernel(
                     a_t = tl.load(trow + t_safe, mask=in_slice, other=float("-inf")).to(tl.float32)
                     a_t = a_t * inv_t
                     if HAS_CW:
-                        a_t += _log(tl.load(cw_ptr + t_safe).to(tl.float32), FAST)
+                        a_t += _log_weight(cw_ptr + t_safe, None, CW_LOG)
                     a_t = tl.where(in_slice, a_t, float("-inf"))
                     m_t = tl.where(zero, a_t, m_t)
                     s_t = tl.where(zero, tl.exp(a_t - _ref(a_t)), s_t)
@@ -1153,7 +1161,7 @@ def grouped_kl_states_kernel(
                 lp_row = topk_lp_ptr + row * stride_l
                 em_s, es_s, em_t, es_t, eg, ebad, log_top, n_valid = _entries(
                     idx_row, lp_row, srow, groups_ptr, cw_ptr, K, V, G, inv_t, t_local, gbase, kk,
-                    m_s, TOPK, GROUP_RULE, HAS_S, HAS_CW, FAST, BLOCK_K)
+                    m_s, TOPK, GROUP_RULE, HAS_S, HAS_CW, CW_LOG, BLOCK_K)
                 bad = bad | ebad
                 if TOPK == TOPK_BUCKET:
                     zero = kk == 0
@@ -1609,7 +1617,7 @@ def _grad_fixups(srow, trow, groups_ptr, cw_ptr, grow, table_row, pos, lp, is_en
                  G, inv_t, rS, nS, c1, rT, nT, c2, c_top, u, rX, nX, cX, cols,
                  GROUP_RULE: tl.constexpr, TOPK: tl.constexpr, DENSE_T: tl.constexpr,
                  HAS_CW: tl.constexpr, WITH_CE: tl.constexpr, CLASS: tl.constexpr,
-                 FAST: tl.constexpr, BLOCK_G: tl.constexpr):
+                 CW_LOG: tl.constexpr, BLOCK_G: tl.constexpr):
     """The whole gradient at the classes ``pos`` (where ``sel``): top-k entries (``is_entry``,
     teacher log-prob ``lp``) and the target (the ``-[i = t]`` cross-entropy term; group 0 of
     the TARGET rule). Addresses are clamped; nothing is written where ``sel`` is false."""
@@ -1637,7 +1645,7 @@ def _grad_fixups(srow, trow, groups_ptr, cw_ptr, grow, table_row, pos, lp, is_en
     b = x * inv_t
     pS = _pt(b, kSr, kSn)
     if HAS_CW:
-        lw = _log(tl.load(cw_ptr + safe, mask=sel, other=1.0).to(tl.float32), FAST)
+        lw = _log_weight(cw_ptr + safe, sel, CW_LOG)
     else:
         lw = tl.zeros_like(x)
     if TOPK == TEACHER_DENSE:
@@ -1670,7 +1678,7 @@ def _grad_fixups(srow, trow, groups_ptr, cw_ptr, grow, table_row, pos, lp, is_en
 def _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, start, hi, lane_offs, G,
                wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t, DENSE_T: tl.constexpr,
                TOPK: tl.constexpr, HAS_CW: tl.constexpr, WITH_CE: tl.constexpr,
-               CLASS: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr,
+               CLASS: tl.constexpr, MASKED: tl.constexpr, CW_LOG: tl.constexpr,
                VEC: tl.constexpr, UNROLL: tl.constexpr, LANES: tl.constexpr):
     """One iteration of the gradient walk: ``UNROLL`` sub-tiles of ``[LANES, VEC]`` classes.
     ``w*``: the walked group's ``(ref(m), -log2 s, c)`` of each model (one-group walks)."""
@@ -1690,9 +1698,9 @@ def _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, start, hi, lane_
             t = x
         if HAS_CW and DENSE_T:
             if MASKED:
-                lw = _log(tl.load(cw_ptr + offs, mask=inside, other=1.0).to(tl.float32), FAST)
+                lw = _log_weight(cw_ptr + offs, inside, CW_LOG)
             else:
-                lw = _log(tl.load(cw_ptr + offs).to(tl.float32), FAST)
+                lw = _log_weight(cw_ptr + offs, None, CW_LOG)
         else:
             lw = x
         if CLASS:
@@ -1764,7 +1772,7 @@ def grouped_kl_grad_kernel(
     LANES: tl.constexpr,        # 32 * num_warps
     BLOCK_G: tl.constexpr,      # power of two >= G
     BLOCK_K: tl.constexpr,      # power of two >= K
-    FAST: tl.constexpr,         # compiled for a GPU: hardware log approximation
+    CW_LOG: tl.constexpr,       # class weights: 0 tl.log, 1 hardware log, 2 given as logs
 ):
     """Op 3 on one (row, V-slice): the row's coefficients from its state (and ``saved``,
     the upstream gradient), then one walk writing ``d loss / d x_i``, then the classes whose
@@ -1906,11 +1914,11 @@ def grouped_kl_grad_kernel(
         for i in range(0, nfull):
             _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + i * BLOCK, hi,
                        lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
-                       DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, False, FAST, VEC, UNROLL, LANES)
+                       DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, False, CW_LOG, VEC, UNROLL, LANES)
         if lo + nfull * BLOCK < hi:
             _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + nfull * BLOCK, hi,
                        lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
-                       DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, True, FAST, VEC, UNROLL, LANES)
+                       DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, True, CW_LOG, VEC, UNROLL, LANES)
         # The classes with more terms (top-k entries, the target), rewritten whole once every
         # lane's writes above are done.
         t_local = lo - 1
@@ -1932,7 +1940,7 @@ def grouped_kl_grad_kernel(
                 sel = ok & (idx >= lo) & (idx < hi)
                 _grad_fixups(srow, trow, groups_ptr, cw_ptr, grow, trow_tbl, idx, lp, ok, sel,
                              t_local, G, inv_t, rS, nS, c1, rT, nT, c2, c_top, u, rX, nX,
-                             cX, cols, GROUP_RULE, TOPK, DENSE_T, HAS_CW, WITH_CE, CLASS, FAST,
+                             cX, cols, GROUP_RULE, TOPK, DENSE_T, HAS_CW, WITH_CE, CLASS, CW_LOG,
                              BLOCK_G)
             else:
                 entry_is_target = t_local < -1
@@ -1945,7 +1953,7 @@ def grouped_kl_grad_kernel(
                 _grad_fixups(srow, trow, groups_ptr, cw_ptr, grow, trow_tbl, pos, no_lp, j < 0,
                              sel, t_local, G, inv_t, rS, nS, c1, rT, nT, c2, c_top, u, rX,
                              nX, cX, cols, GROUP_RULE, TOPK, DENSE_T, HAS_CW, WITH_CE, CLASS,
-                             FAST, BLOCK_G)
+                             CW_LOG, BLOCK_G)
     else:
         zeros = tl.zeros([LANES, VEC], tl.float32).to(grad_ptr.dtype.element_ty)
         for start in range(lo, hi, LANES * VEC):
