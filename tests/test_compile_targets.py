@@ -88,11 +88,15 @@ GRAD_BUDGET = 55.0
 
 # Documented exceptions to "no local memory": (kernel, arch, config text fragment) -> why.
 KNOWN_SPILLS: Dict[tuple, str] = {
-    ("grouped_kl_states_kernel", 90, "GC=16 G_LIVE=16 VEC=4 UNROLL=4 BLOCK_G=16 HAS_S DENSE_T "
-     "BAD_OR "): (
+    ("grouped_kl_states_kernel", 90, "BLOCK_G=16 HAS_S DENSE_T BAD_OR "): (
         "sm_90, exactly 16 groups (one chunk, ids checked by OR), since the walk keeps no "
         "per-group maxima (2026-11-27): 8 bytes of stack, no local memory; which value ptxas "
-        "parks there was not examined (G = 32, the same walk in two chunks, has none)"),
+        "parks there was not examined (G = 32, the same walk in two chunks, has none); with "
+        "int32 ids (VEC=4 UNROLL=4) and with the compact int8 ids (VEC=8 UNROLL=2) alike"),
+    ("grouped_kl_states_kernel", 80, "VEC=8 UNROLL=2 BLOCK_G=16 HAS_S DENSE_T BAD_OR "): (
+        "sm_80, exactly 16 groups with the compact int8 ids (2026-11-27): 8 bytes of stack, no "
+        "local memory, as sm_90's at 16 groups (above); the int32-id walk (VEC=4) has none "
+        "on sm_80"),
     ("grouped_kl_states_kernel", 80, "GC=4 G_LIVE=4 VEC=4 UNROLL=4 BLOCK_G=4 HAS_S DENSE_T "
      "BAD_OR PAIRS_S PAIRS_T "): (
         "sm_80, 4 groups, since each unit is its own load (2026-11-27): one 64-bit value "
@@ -478,10 +482,11 @@ def build_table(archs=ARCHS, workers: Optional[int] = None, core: bool = False) 
 
 def _config_text(kernel, v) -> str:
     keys = [k for k in ("GROUP_RULE", "TOPK", "GC", "G_LIVE", "VEC", "UNROLL", "BLOCK_G", "BLOCK_R",
-                        "REDUCTION", "ONE_TILE", "BLOCK_P", "BLOCK_D", "BLOCK_C", "BLOCK", "CW_LOG")
+                        "REDUCTION", "ONE_TILE", "BLOCK_P", "BLOCK_D", "BLOCK_C", "BLOCK")
             if k in v]
     flags = [k for k, x in v.items() if isinstance(x, bool) and x and k.isupper()]
-    return " ".join([f"{k}={v[k]}" for k in keys] + flags + [f"w{v.get('num_warps', 4)}"])
+    tail = [f"CW_LOG={v['CW_LOG']}"] if v.get("HAS_CW") and "CW_LOG" in v else []
+    return " ".join([f"{k}={v[k]}" for k in keys] + flags + tail + [f"w{v.get('num_warps', 4)}"])
 
 
 def _judge(row):
@@ -565,8 +570,15 @@ more sectors than the CLASS walk (docs/design.md). Known miss (see `KNOWN_OVER_B
 CLASS walk at G = 17..32 (about 4 G + 20 per chunk of 16 groups, each chunk reading the row),
 taken only for groups interleaved so finely that the ordered walk's gathers would cost more
 sectors. Known spills (see `KNOWN_SPILLS`), 8 bytes of stack each: sm_90 at exactly 16
-groups; sm_80 at 4 groups and sm_100 at 2 groups (one reload per iteration of the main loop,
-since each unit is its own load). The sm_80 spill of 16-group chunks before 2026-11-27 is gone.
+groups (and sm_80 there with the compact ids); sm_80 at 4 groups and sm_100 at 2 groups (one
+reload per iteration of the main loop, since each unit is its own load). The sm_80 spill of
+16-group chunks before 2026-11-27 is gone.
+
+The situations take 1024 rows of 32768 classes unless their label says otherwise: from 8 rows
+and 2^20 elements the launchers read the group ids as an int8 copy (`VEC=8` for bf16 logits)
+and the class weights as logs taken once per call (`CW_LOG=2`; 1 is the kernels' own hardware
+log, at smaller sizes), since 2026-11-27 (docs/design.md, "What the walks read besides the
+logits").
 
 Under Triton 3.6 (torch 2.11's; `benchmarks/results/compile_table_triton3.6.md`, the default
 suite's situations for sm_90) the states kernel compiled to 82.5 (G = 3) and 102.4 (G = 8)

@@ -325,6 +325,22 @@ def test_call_overhead_runs_under_the_interpreter(tmp_path):
     assert "Self CPU" in result["ltkd_torch_profile"]
 
 
+def test_split_probe_runs_under_the_interpreter(tmp_path):
+    """``python -m benchmarks.split_probe`` (V-slices per row, made for a GPU), run as a smoke
+    test at a tiny size: the rule's count and a forced multiple, for KD and LTKD."""
+    out = tmp_path / "splits.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.split_probe", "--device", "cpu", "--sizes", "2x300",
+         "--splits", "rule,2", "--reps", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["loss"], r["rule"]) for r in rows] == [("kd", True), ("kd", False),
+                                                       ("ltkd", True), ("ltkd", False)]
+    assert all(r["median_ms"] > 0 for r in rows) and rows[1]["splits"] == 2 * rows[0]["splits"]
+
+
 def test_gpu_check_without_cuda(tmp_path):
     """``python -m benchmarks.gpu_check`` on a machine without CUDA: checks nothing, says so,
     writes ``"status": "skipped"`` and exits 0 (3 with ``--strict``); ``--cpu-smoke`` runs its

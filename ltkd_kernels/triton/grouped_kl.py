@@ -43,8 +43,8 @@ How blocks and warps are chosen (the rule, no autotuning):
   in the torch form. The CLASS walk reads each class's group's ``(ref(m), -log2 s)`` of both
   models and its two coefficients from a per-program table of six floats per group.
 - The finish kernel is one program; its tile is ``FINISH_TILE`` (rows x next_pow2(G)) elements.
-- V-split: rows are split over the vocabulary when there are fewer than ``4 * SMs`` rows, into
-  as many slices as make ``4 * SMs`` programs, each at least ``MIN_SLICE_BLOCKS`` blocks.
+- V-split: rows are split over the vocabulary when there are fewer than ``8 * SMs`` rows, into
+  as many slices as make ``8 * SMs`` programs, each at least ``MIN_SLICE_BLOCKS`` blocks.
   ``split_override`` (module setting, or the :func:`forced_splits` context) forces the count.
 """
 from __future__ import annotations
@@ -80,7 +80,10 @@ CLASS_WALK_CLASSES_PER_LANE = 16
 GROUP_CHUNK = 16
 EXACT_GROUPS = 8
 MIN_SLICE_BLOCKS = 4
-PROGRAMS_PER_SM = 4
+# V-slices per row aim at this many programs per SM: at N = 64, V = 256000 on an H200 a
+# forward + backward took 78.7 us with 4 (9 slices), 69.3 us with 8, 81.2 us with 16
+# (benchmarks/split_probe.py; benchmarks/results/gpu/h200-2026-11-27-run4/).
+PROGRAMS_PER_SM = 8
 FINISH_TILE = 1024
 MERGE_BLOCK_G = 1024
 # The ordered walk is taken when its gathers touch at most this many sectors per sector of a
