@@ -318,6 +318,14 @@ def _recompute_in_backward(cfg: GroupedKLConfig, need_weight: bool, need_bias: b
     return cfg.reduction == REDUCE_NONE and (need_weight or need_bias)
 
 
+def _read_once(ops, groups, num_groups: int, rows: int):
+    """The group ids the chunks' kernels read: the Triton launchers' compact copy made once
+    for all chunks (each chunk's call would make its own; ltkd_kernels/triton/grouped_kl.py,
+    ``compact_ids``), else ``groups``."""
+    compact = getattr(ops, "compact_ids", None)
+    return groups if compact is None else compact(groups, num_groups, rows)
+
+
 def _chunk_rows(chunk_size: int, student_hidden: Tensor, student_weight: Tensor) -> int:
     rows = student_hidden.shape[0]
     if chunk_size > 0:
@@ -359,6 +367,7 @@ def _forward_impl(*args):
      sample_weight, group_logmass, num_items_tensor) = tensors
     ops = _grouped_kl.kernel_module(backend, x.device)
     rows, device, G = x.shape[0], x.device, cfg.num_groups
+    groups = _read_once(ops, groups, G, rows)
     chunk = _chunk_rows(chunk_size, x, w)
     bounds = [(s, min(s + chunk, rows)) for s in range(0, rows, chunk)]
     data_group = resolve(process_group)
@@ -463,6 +472,7 @@ def _backward_impl(grad_loss, *args):
      sample_weight, group_logmass, _) = tensors
     ops = _grouped_kl.kernel_module(backend, x.device)
     rows = x.shape[0]
+    groups = _read_once(ops, groups, cfg.num_groups, rows)
     chunk = _chunk_rows(chunk_size, x, w)
     student = _Head(w, b, chunk, grad_weight=need_weight, grad_bias=need_bias and b is not None)
     teacher = None if wt is None else _Head(wt, bt, chunk)

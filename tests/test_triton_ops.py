@@ -493,6 +493,44 @@ def test_class_weights_given_as_logs_match_torch(ops, compact_ids_always, name, 
     assert weight[1] == 0.0 and modes and all(mode == 2 for mode in modes)
 
 
+def test_fused_linear_loss_compacts_the_ids_once_and_keeps_the_order(ops, compact_ids_always,
+                                                                     monkeypatch):
+    """The fused linear LTKD makes the compact copy once for all its chunks (each chunk's
+    launch then reads int8 ids as given) and the copy carries the class order: the ordered
+    walk is taken as on the original ids; the loss and gradient equal the torch backend's."""
+    from ltkd_kernels.ops import grouped_kl as ops_layer
+    torch.manual_seed(0)
+    rows, hidden, vocab, G = 12, 5, 300, 6
+    x, w = torch.randn(rows, hidden), torch.randn(vocab, hidden) * 0.5
+    xt, wt = torch.randn(rows, 4), torch.randn(vocab, 4) * 0.5
+    groups = torch.arange(vocab) * G // vocab                 # ranges: the ordered walk
+    assert class_order.remember(groups, G) is not None
+    copies, walks = [], []
+    compact = ops.compact_ids
+    monkeypatch.setattr(ops, "compact_ids",
+                        lambda *a: copies.append(a[0].dtype) or compact(*a))
+    launch = ops._launch
+
+    def spy(kernel, grid, *args, **meta):
+        if kernel.fn.__name__ == "grouped_kl_states_kernel":
+            walks.append((meta["ORDER"], args[4].dtype))
+        return launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    results = {}
+    for backend in ("triton", "torch"):
+        xs = x.clone().requires_grad_()
+        loss = lk.fused_linear_ltkd_loss(xs, w, xt, wt, groups, G, temperature=2.0,
+                                         chunk_size=5, backend=backend)
+        loss.backward()
+        results[backend] = (loss.detach(), xs.grad)
+    # once per pass over the chunks (here one: the forward computes the gradients too)
+    assert copies == [torch.int64]
+    assert len(walks) >= 6 and all(walk == (True, torch.int8) for walk in walks)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad_id", [3, -1, 2 ** 31 - 1, 2 ** 40, 131])
 def test_bad_group_id_gives_nan_rows_through_compact_ids(ops, compact_ids_always, bad_id):
     student, teacher, groups, cfg = _ltkd_inputs()

@@ -71,6 +71,15 @@ def cached(groups: Optional[torch.Tensor], num_groups: int) -> Optional[ClassOrd
     return None
 
 
+def attach(groups: torch.Tensor, num_groups: int, order: ClassOrder) -> None:
+    """Attach ``order`` to ``groups`` (a copy of the ids it was computed from: the Triton
+    launchers' compact ids) under the copy's own key."""
+    try:
+        setattr(groups, _ATTRIBUTE, (_key(groups, num_groups), order))
+    except (AttributeError, RuntimeError):  # a tensor subclass that refuses attributes
+        pass
+
+
 def remember(groups: torch.Tensor, num_groups: int) -> Optional[ClassOrder]:
     """Compute (once per distinct tensor and G) and attach the class order of ``groups``."""
     if num_groups < ORDER_MIN_GROUPS or groups.device.type == "meta":
@@ -79,10 +88,7 @@ def remember(groups: torch.Tensor, num_groups: int) -> Optional[ClassOrder]:
     if found is not None:
         return found
     found = build(groups, num_groups)
-    try:
-        setattr(groups, _ATTRIBUTE, (_key(groups, num_groups), found))
-    except (AttributeError, RuntimeError):  # a tensor subclass that refuses attributes
-        pass
+    attach(groups, num_groups, found)
     return found
 
 
@@ -94,5 +100,5 @@ def remember_for_triton(groups: torch.Tensor, num_groups: int, backend: str) -> 
         remember(groups, num_groups)
 
 
-__all__ = ["ClassOrder", "ORDER_MIN_GROUPS", "build", "cached", "remember",
+__all__ = ["ClassOrder", "ORDER_MIN_GROUPS", "attach", "build", "cached", "remember",
            "remember_for_triton"]

@@ -160,7 +160,14 @@ def _compact_ids(groups, num_groups: int, rows: int):
             break
     if groups.dtype.itemsize <= narrow.itemsize:
         return groups
-    return groups.clamp(-1, num_groups).to(narrow)
+    compact = groups.clamp(-1, num_groups).to(narrow)
+    order = _orders.cached(groups, num_groups)
+    if order is not None:  # (the copy walks as the original would: the fused linear loss)
+        _orders.attach(compact, num_groups, order)
+    return compact
+
+
+compact_ids = _compact_ids  # (public: the fused linear loss makes it once for its chunks)
 
 
 def _log_class_weights(class_weight, rows: int):
@@ -504,6 +511,7 @@ def loss_forward(student, teacher, topk_indices, topk_logprobs, groups, target, 
     return loss, state, extras, saved
 
 
-__all__ = ["states", "finish", "grad", "loss_forward", "forced_splits", "split_override",
+__all__ = ["states", "finish", "grad", "loss_forward", "compact_ids", "forced_splits",
+           "split_override",
            "forced_walk", "walk_override",
            "states_meta", "finish_meta", "grad_meta", "merge_meta"]
