@@ -42,6 +42,10 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("lm", "groups", "launches", "topk", "srw")
 CASE_RESERVE_S = 40  # a case is started only with at least this much of the time limit left
+# torch.compile is timed for the problems that start this many seconds before the time limit
+# or earlier: the lm case comes first and its compile columns are the issue's comparison (on
+# an H200 in 2026-11-27's run 3, a reserve of 150 s left it out of every problem but LTKD's).
+COMPILE_RESERVE_S = 90
 
 
 def parse_args(argv=None):
@@ -136,7 +140,7 @@ def run_tests(out_dir: str, timeout_s: float) -> Dict:
 
 def _bench_argv(args, out_dir: str, device: str, remaining_s: float) -> List[str]:
     argv = ["--device", device, "--out", os.path.join(out_dir, "bench"), "--reps", "5",
-            "--budget", "0.2", "--time-limit", str(max(0.0, remaining_s - 150))]
+            "--budget", "0.2", "--time-limit", str(max(0.0, remaining_s - COMPILE_RESERVE_S))]
     if args.providers:
         argv += ["--providers", args.providers]
     if args.cpu_smoke:  # tiny sizes (by default the package's reference and eager): the flow
