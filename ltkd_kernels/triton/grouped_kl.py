@@ -146,6 +146,13 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _read_per_call(rows: int, classes: int) -> bool:
+    """Whether a per-class constant read once per row is worth a per-call copy the kernels read
+    instead (the compact ids, the weights' logs): from ``COMPACT_MIN_ROWS`` rows and
+    ``COMPACT_MIN_ELEMENTS`` classes x rows."""
+    return rows >= COMPACT_MIN_ROWS and rows * classes >= COMPACT_MIN_ELEMENTS
+
+
 def _compact_ids(groups, num_groups: int, rows: int):
     """The group ids the walks read: ``groups`` itself, or from ``COMPACT_MIN_ROWS`` rows and
     ``COMPACT_MIN_ELEMENTS`` classes x rows a copy in the narrowest integer type that holds
@@ -153,7 +160,7 @@ def _compact_ids(groups, num_groups: int, rows: int):
     across calls could go stale under a write that bypasses the version counter). Ids outside
     ``[0, G)`` are clamped to -1 or G, which the kernels' id check rejects as it does the
     originals (a NaN row), so the copy never turns a bad id into a valid one."""
-    if groups is None or rows < COMPACT_MIN_ROWS or rows * groups.shape[0] < COMPACT_MIN_ELEMENTS:
+    if groups is None or not _read_per_call(rows, groups.shape[0]):
         return groups
     for narrow in (torch.int8, torch.int16, torch.int32):
         if num_groups < torch.iinfo(narrow).max:
@@ -174,8 +181,7 @@ def _log_class_weights(class_weight, rows: int):
     """``(weights the kernels read, whether they are the logs)``: from the same sizes as
     :func:`_compact_ids`, ``log w`` in float32 taken once per call (one op), so that the walks
     take no log per class and row; below, the weights (the kernels take their log)."""
-    if (class_weight is None or rows < COMPACT_MIN_ROWS
-            or rows * class_weight.shape[0] < COMPACT_MIN_ELEMENTS):
+    if class_weight is None or not _read_per_call(rows, class_weight.shape[0]):
         return class_weight, False
     return torch.log(class_weight.to(torch.float32)), True
 
