@@ -333,7 +333,14 @@ def test_batchmean_with_sample_weight_is_the_weighted_mean(backend):
 # Data parallel.
 
 def _data_parallel_worker(rank, world, init_file, backend, out_dir):
+    import faulthandler
+
     import torch.distributed as dist
+
+    # A rare SIGABRT ("terminate called without an active exception") has killed this worker
+    # early twice (CI and a local run of 2026-11-27, both the cpu backend, not reproduced in
+    # 100 runs since): the Python stack of the next one goes to the test's captured stderr.
+    faulthandler.enable()
 
     os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
