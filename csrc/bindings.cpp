@@ -156,6 +156,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                             group_logmass, num_items, opt);
       },
       "Ops 1 + 2 + 3 (upstream 1) in one pass: (loss, state, extras, saved, grad or None)");
+  m.def(
+      "grouped_kl_loss_autograd",
+      [](const at::Tensor& student, const OptTensor& teacher, const OptTensor& topk_indices,
+         const OptTensor& topk_logprobs, const OptTensor& groups, const OptTensor& target,
+         const OptTensor& class_weight, const OptTensor& mask, const OptTensor& sample_weight,
+         const OptTensor& group_logmass, const OptTensor& num_items, const py::tuple& cfg,
+         bool fused) {
+        const gkl::Options opt = parse_config(cfg);
+        py::gil_scoped_release release;
+        return grouped_kl_loss_autograd(student, teacher, topk_indices, topk_logprobs, groups,
+                                        target, class_weight, mask, sample_weight, group_logmass,
+                                        num_items, opt, fused);
+      },
+      "The loss with a C++ autograd node: forward ops 1 + 2 (+ 3 when fused), backward op 3");
+  m.def("grouped_kl_backward_calls", &ltkd::grouped_kl_backward_calls,
+        "(scale_grad, grad) calls of the C++ backward node since the process started");
   m.def("grouped_kl_scale_grad", &ltkd::grouped_kl_scale_grad,
         py::call_guard<py::gil_scoped_release>(),
         "grad *= grad_loss in place (one value or one per row); nothing for the value 1");

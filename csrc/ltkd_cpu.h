@@ -77,6 +77,21 @@ at::Tensor grouped_kl_grad(
     const at::Tensor& extras, const at::Tensor& saved, const at::Tensor& grad_loss,
     const gkl::Options& opt);
 
+// The loss with its autograd node in C++ (autograd.cpp): forward grouped_kl_loss_forward_grad
+// (`fused`) or grouped_kl_loss_forward; backward grouped_kl_scale_grad of the fused gradient or
+// grouped_kl_grad. For plain eager calls (ltkd_kernels/ops/grouped_kl.py decides).
+at::Tensor grouped_kl_loss_autograd(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+    const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_logprobs,
+    const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& sample_weight,
+    const std::optional<at::Tensor>& group_logmass, const std::optional<at::Tensor>& num_items,
+    const gkl::Options& opt, bool fused);
+
+// How many times the backward node called (scale_grad, grad) since the process started.
+std::tuple<int64_t, int64_t> grouped_kl_backward_calls();
+
 // SRW weights (B, P) float32 from features (B, P, D); see srw.cpp.
 at::Tensor srw_weights(const at::Tensor& features, const std::optional<at::Tensor>& mask,
                        double tau, double eps);

@@ -33,8 +33,13 @@ def check_option(name: str, value, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
+# Exact builtin types pass the type checks without the (slow) abstract-base-class test.
+_PLAIN_REALS = (float, int)
+
+
 def check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) not in _PLAIN_REALS and (isinstance(value, bool)
+                                            or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -42,7 +47,8 @@ def check_positive(name: str, value) -> float:
 
 
 def check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) not in _PLAIN_REALS and (isinstance(value, bool)
+                                            or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if value != value or abs(value) == float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -235,7 +241,8 @@ def check_num_items(value, device):
 
 
 def check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, bool)
+                                   or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return int(value)
 

@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 # The translation units, in link order; the headers next to them are part of the build key.
 SOURCES = ("grouped_kl_args.cpp", "grouped_kl_states.cpp", "grouped_kl_finish.cpp",
-           "grouped_kl_grad.cpp", "gradient_cache.cpp", "srw.cpp", "bindings.cpp")
+           "grouped_kl_grad.cpp", "gradient_cache.cpp", "srw.cpp", "autograd.cpp",
+           "bindings.cpp")
 SOURCE_SUFFIXES = (".cpp", ".h")
 
 # Ordered from the most portable: a module built for one level runs on a CPU of a higher one.

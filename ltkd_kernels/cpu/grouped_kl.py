@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from ..ops.config import GROUP_ONE, GROUP_TARGET, GroupedKLConfig
-from ..ops.launches import record
+from ..ops.launches import add_external_counter, record
 
 __all__ = ["states", "finish", "grad", "loss_forward", "loss_forward_grad", "scale_grad",
-           "fuses_gradient"]
+           "fuses_gradient", "loss_autograd", "backward_calls"]
 
 # The extension reads the config as a tuple of these fields, in this order.
 _FIELDS = ("num_groups", "temperature", "alpha", "beta", "rebalance", "within_teacher",
@@ -125,8 +125,37 @@ def loss_forward_grad(student: Tensor, teacher: Optional[Tensor], topk_indices: 
                                             group_logmass, num_items, cfg)
 
 
+def loss_autograd(student: Tensor, teacher: Optional[Tensor], topk_indices: Optional[Tensor],
+                  topk_logprobs: Optional[Tensor], groups: Optional[Tensor],
+                  target: Optional[Tensor], class_weight: Optional[Tensor],
+                  mask: Optional[Tensor], sample_weight: Optional[Tensor],
+                  group_logmass: Optional[Tensor], num_items: Optional[Tensor],
+                  cfg: GroupedKLConfig, fused: bool) -> Tensor:
+    """The loss with its autograd node in C++ (csrc/autograd.cpp): the forward is
+    :func:`loss_forward_grad` (``fused``; :func:`fuses_gradient`) or :func:`loss_forward`, the
+    backward :func:`scale_grad` of that gradient or :func:`grad`, run by the autograd engine
+    without Python (counted by :func:`backward_calls`)."""
+    ext = _ext or _extension()
+    record("cpu:loss_forward_grad" if fused else "cpu:loss_forward")
+    return ext.grouped_kl_loss_autograd(student, teacher, topk_indices, topk_logprobs, groups,
+                                        target, class_weight, mask, sample_weight, group_logmass,
+                                        num_items, cfg, fused)
+
+
+def backward_calls() -> dict:
+    """The calls the C++ backward node made since the process started, as launch names (read
+    by :func:`ltkd_kernels.ops.launches.counting`; zeros before the extension is loaded)."""
+    if _ext is None:
+        return {}
+    scales, grads = _ext.grouped_kl_backward_calls()
+    return {"cpu:scale_grad": scales, "cpu:grad": grads}
+
+
 def scale_grad(grad: Tensor, grad_loss: Tensor) -> None:
     """``grad *= grad_loss`` in place (one value, or one per row); nothing for the value 1."""
     ext = _ext or _extension()
     record("cpu:scale_grad")
     ext.grouped_kl_scale_grad(grad, grad_loss)
+
+
+add_external_counter(backward_calls)

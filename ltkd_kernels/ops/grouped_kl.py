@@ -324,6 +324,16 @@ def grouped_kl_loss(student: Tensor, teacher: Optional[Tensor], topk_indices: Op
     # Whether autograd will ask for the student's gradient (inside the Function's forward,
     # grad mode is off and needs_input_grad ignores torch.no_grad()).
     wants_grad = student.requires_grad and torch.is_grad_enabled()
+    if not process_group and not vocab_process_group and _direct(student):
+        ops = kernel_module(backend, student.device)
+        native = getattr(ops, "loss_autograd", None)
+        if native is not None:
+            # The C++ backend's own autograd node (csrc/autograd.cpp): the same kernels as
+            # GroupedKLLoss below, without a Python forward and backward around them.
+            fused = (wants_grad and FUSED_CPU_GRADIENT
+                     and ops.fuses_gradient(student, teacher, topk_indices, group_logmass, cfg))
+            return native(student, teacher, topk_indices, topk_logprobs, groups, target,
+                          class_weight, mask, sample_weight, group_logmass, num_items, cfg, fused)
     return GroupedKLLoss.apply(
         student, teacher, topk_indices, topk_logprobs, groups, target, class_weight, mask,
         sample_weight, group_logmass, num_items,

@@ -3,15 +3,27 @@
 Every kernel backend calls :func:`record` once per kernel it launches (a Triton kernel, one
 call into the C++ extension). ATen ops are counted separately by the profiler; Triton launches
 under the interpreter and calls into the extension are invisible to it, hence this counter.
-Recording costs one attribute check when no counter is active.
+Recording costs one attribute check when no counter is active. Kernels called from C++ with
+no Python around them (the C++ backend's autograd node) are counted by the extension and read
+through :func:`add_external_counter` when a :func:`counting` block ends.
 """
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 _active: Optional[Counter] = None
+
+# Counters kept outside Python: functions returning ``{name: calls since the process started}``
+# (the C++ backend's autograd node runs its backward kernels with no Python to call record).
+# A counting block adds what they counted between its start and its end.
+_external: List[Callable[[], Dict[str, int]]] = []
+
+
+def add_external_counter(read: Callable[[], Dict[str, int]]) -> None:
+    """Register ``read`` (see ``_external``); a module registers once, at import."""
+    _external.append(read)
 
 # A profiler scope around a Triton launch under the interpreter: the interpreter copies the
 # arguments to and from numpy with ATen ops that are no GPU launch, so they are not counted.
@@ -34,10 +46,19 @@ def counting() -> Iterator[Counter]:
     """Count the launches made inside the ``with`` block: ``with counting() as launches: ...``."""
     global _active
     previous, _active = _active, Counter()
+    before = {read: read() for read in _external}
+    counter = _active
     try:
-        yield _active
+        yield counter
     finally:
         _active = previous
+        # Readers registered inside the block (their module imported there) counted nothing
+        # before it.
+        for read in list(_external):
+            start = before.get(read, {})
+            for name, calls in read().items():
+                if calls > start.get(name, 0):
+                    counter[name] += calls - start.get(name, 0)
 
 
 # ATen ops that allocate, alias or describe tensors: no kernel launch of their own on a GPU.
