@@ -135,9 +135,9 @@ def _situations():
     def case(cfg, dtype=torch.bfloat16, teacher_dtype=None, topk=0, groups_dtype=torch.int32,
              target=False, mask=None, cw=False, sw=False, glm=False, student=True, n=rows,
              teacher=True, reductions=(REDUCE_MEAN,), partial=False, bp=False, num_items=False,
-             grad=True, ordered=False):
+             grad=True, ordered=False, ranges=False):
         def run():
-            with ops.forced_walk("ordered" if ordered else "class"):
+            with ops.forced_walk("sorted" if ranges else "ordered" if ordered else "class"):
                 walk()
 
         def walk():
@@ -205,6 +205,12 @@ def _situations():
         ("ltkd bf16 G=1024, ordered", 1024, case(ltkd._replace(num_groups=1024), ordered=True)),
         ("topk renormalize ltkd G=32, ordered", 32,
          case(ltkd._replace(num_groups=32, topk_rule=TOPK_RENORMALIZE), topk=64, ordered=True)),
+        ("ltkd bf16 G=3, ranges", 3, case(ltkd, ranges=True)),
+        ("ltkd fp32 G=3, ranges, within_teacher + CE (T=4)", 3,
+         case(ltkd._replace(rebalance=False, within_teacher=True, ce_weight=0.5),
+              torch.float32, target=True, ranges=True)),
+        ("ltkd bf16 G=32, ranges", 32, case(ltkd._replace(num_groups=32),
+                                            ranges=True)),
         ("ltkd bf16 G=3, 8 rows (V-split)", 3, case(ltkd, n=8)),
         ("ltkd bf16 G=3, teacher only", 3, case(ltkd, student=False, grad=False)),
         ("kd bf16 student only (group logsumexp)", 1, case(kd, teacher=False, grad=False)),
@@ -261,6 +267,7 @@ CORE_SITUATIONS = frozenset({
     "kd bf16", "kd fp32", "kd bf16 T=1 + CE, bool mask",
     "bkd bf16 CE, class weights, int mask, sample weights", "dkd bf16", "ltkd bf16 G=3",
     "ltkd bf16 G=8", "ltkd bf16 G=32, ordered", "ltkd bf16 G=3, 8 rows (V-split)",
+    "ltkd bf16 G=3, ranges",
     "topk bucket kd",
     "topk renormalize ltkd G=3, group_logmass", "srw bf16 D=256", "srw fp16 D=768 mask"})
 CORE_ARCHS = (80, 90)
@@ -486,7 +493,10 @@ def _config_text(kernel, v) -> str:
             if k in v]
     flags = [k for k, x in v.items() if isinstance(x, bool) and x and k.isupper()]
     tail = [f"CW_LOG={v['CW_LOG']}"] if v.get("HAS_CW") and "CW_LOG" in v else []
-    return " ".join([f"{k}={v[k]}" for k in keys] + flags + tail + [f"w{v.get('num_warps', 4)}"])
+    # The walk through the class order: gathered (ORDER) or the identity order (ORDER=2).
+    order = {1: ["ORDER"], 2: ["ORDER=2"]}.get(v.get("ORDER"), [])
+    return " ".join([f"{k}={v[k]}" for k in keys] + flags + order + tail
+                    + [f"w{v.get('num_warps', 4)}"])
 
 
 def _judge(row):
@@ -566,7 +576,9 @@ loop at every G (until 2026-11-27; G <= 4 keep them, about 6 G + 17): 64.8 (G = 
 (G = 32); without them (G > 4) about 4 G + 20. The ordered walk (rows marked `ordered`,
 since 2026-11-27: the groups one by one through the class order, the logits gathered) costs
 the same per element for any G; the launcher takes it from 5 groups where its gathers move no
-more sectors than the CLASS walk (docs/design.md). Known miss (see `KNOWN_OVER_BUDGET`): the
+more sectors than the CLASS walk (docs/design.md). Rows marked `ranges` (`ORDER=2`, since
+2026-11-27): groups that are ranges of classes in group order, read densely one group after
+the other at any G from 2 (the one-group walk plus each class's id check). Known miss (see `KNOWN_OVER_BUDGET`): the
 CLASS walk at G = 17..32 (about 4 G + 20 per chunk of 16 groups, each chunk reading the row),
 taken only for groups interleaved so finely that the ordered walk's gathers would cost more
 sectors. Known spills (see `KNOWN_SPILLS`), 8 bytes of stack each: sm_90 at exactly 16

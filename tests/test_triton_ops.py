@@ -347,15 +347,16 @@ def test_class_order_and_its_sectors():
 @pytest.mark.parametrize("layout, dtype, ordered", [
     ("ranges", torch.bfloat16, True), ("ranges", torch.float32, True),
     ("drawn", torch.bfloat16, False), ("two_per_sector", torch.float32, False),
-    ("ranges_G4", torch.bfloat16, False)])
+    ("ranges_G4", torch.bfloat16, True), ("drawn_G4", torch.bfloat16, False)])
 def test_the_rule_takes_the_ordered_walk_where_it_gathers_cheaply(ops, layout, dtype, ordered):
     """From 5 groups, when the gathers touch at most 1.25 sectors per sector of a row (or no
-    more than the CLASS walk's reads of it); the loss through the API remembers the order."""
+    more than the CLASS walk's reads of it); ranges in group order at any G (read densely);
+    the loss through the API remembers the order."""
     vocab = 2048
-    num_groups = 4 if layout == "ranges_G4" else 8
+    num_groups = 4 if layout.endswith("G4") else 8
     if layout.startswith("ranges"):
         groups = torch.arange(vocab) * num_groups // vocab
-    elif layout == "drawn":
+    elif layout.startswith("drawn"):
         groups = torch.randint(num_groups, (vocab,))
     else:
         groups = (torch.arange(vocab) // 4) % num_groups          # 4 fp32 classes: 2 a sector
@@ -366,6 +367,153 @@ def test_the_rule_takes_the_ordered_walk_where_it_gathers_cheaply(ops, layout, d
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     cfg = GroupedKLConfig(num_groups=num_groups, group_rule=GROUP_CLASS)
     assert (ops._class_order(cfg, groups, student, teacher, False) is not None) == ordered
+
+
+# The identity order (groups that are ranges of classes in group order): each group's range
+# read densely, one group after the other (ORDER == 2).
+
+def _in_group_order(inputs):
+    """The case's groups sorted: ranges of classes in group order (empty groups stay empty)."""
+    return dict(inputs, groups=torch.sort(inputs["groups"]).values)
+
+
+@pytest.fixture
+def walks(ops, monkeypatch):
+    """The ``ORDER`` of every states launch."""
+    taken = []
+    launch = ops._launch
+
+    def spy(kernel, grid, *args, **meta):
+        if kernel.fn.__name__ == "grouped_kl_states_kernel":
+            taken.append(meta["ORDER"])
+        return launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    return taken
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4099)], ids=str)
+@pytest.mark.parametrize("name", ORDERED_CASES)
+def test_sorted_walk_matches_torch(ops, walks, name, shape):
+    """Every CLASS-rule configuration with its groups in ranges, the order remembered (as the
+    API does), taken by the rule, against the float64 torch form."""
+    inputs, cfg = make_op_inputs(_case(name), *shape, torch.float32)
+    if inputs is None:
+        pytest.skip("V too small for the case")
+    inputs = _in_group_order(inputs)
+    assert class_order.remember(inputs["groups"], cfg.num_groups).identity
+    _check_against_torch(ops, inputs, cfg)
+    assert walks and set(walks) == {2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1030, 2053])
+def test_sorted_walk_half_logits(ops, walks, dtype, vocab):
+    """Half logits (bf16 read as int32 pairs where the row stride is even), int32 and int64
+    ids, groups starting at unaligned classes."""
+    inputs, cfg = make_op_inputs(_case("ltkd_G8_masked_rows"), 3, vocab, dtype)
+    inputs = _in_group_order(inputs)
+    with ops.forced_walk("sorted"):
+        _check_against_torch(ops, inputs, cfg, dtype)
+    assert set(walks) == {2}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("class_weight", [False, True], ids=["", "class_weight"])
+def test_sorted_walk_with_cross_entropy_and_class_weights(ops, walks, temperature,
+                                                          class_weight):
+    inputs, cfg = make_op_inputs(_ce_case(temperature, class_weight), 4, 1031, torch.float32)
+    with ops.forced_walk("sorted"):
+        _check_against_torch(ops, _in_group_order(inputs), cfg)
+    assert set(walks) == {2}
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("name", ["ltkd_G8_masked_rows", "topk_ltkd", "ce"])
+def test_sorted_walk_split_over_the_vocabulary(ops, name, splits):
+    """Slices cut groups anywhere (each slice's part of a group starts unaligned); the merged
+    state equals the unsplit one up to the order of the sums."""
+    case = _ce_case() if name == "ce" else _case(name)
+    inputs, cfg = make_op_inputs(case, 3, 4321, torch.float32)
+    inputs = _in_group_order(inputs)
+    with ops.forced_walk("sorted"):
+        with ops.forced_splits(splits):
+            state, extras = _check_against_torch(ops, inputs, cfg)
+        _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
+
+
+def test_sorted_walk_bf16_tail_group_one_class_and_empty_groups(ops, walks):
+    """Each group at its own maxima: a group 400 nats below the others, a one-class group
+    (sums exactly 1, gap 0), empty groups, a group of one class at an unaligned start."""
+    cfg = GroupedKLConfig(num_groups=8, temperature=1.0, alpha=0.7, beta=1.3, rebalance=True,
+                          group_rule=GROUP_CLASS)
+    vocab = 3001
+    groups = torch.sort(torch.arange(vocab) % 5).values        # groups 5 and 7 empty
+    groups[-1] = 6                                               # group 6: one class
+    student = torch.randn(3, vocab) * 2
+    teacher = torch.randn(3, vocab) * 2
+    student[:, groups == 2] -= 400.0
+    teacher[:, groups == 2] -= 403.0
+    inputs = dict(student=student.to(torch.bfloat16), teacher=teacher.to(torch.bfloat16),
+                  topk_indices=None, topk_logprobs=None, groups=groups.to(torch.int32),
+                  target=None, class_weight=None, mask=None, sample_weight=None,
+                  group_logmass=None)
+    assert class_order.remember(inputs["groups"], 8).identity
+    state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
+    assert set(walks) == {2}
+    assert (state[:, 1, 6] == 1).all() and (state[:, 3, 6] == 1).all()
+    assert (state[:, 4, 6] == 0).all()
+    assert state[:, 0, [5, 7]].eq(float("-inf")).all() and state[:, 1, [5, 7]].eq(0).all()
+
+
+@pytest.mark.parametrize("bad_id", [3, -1, 2 ** 31 - 1])
+def test_sorted_walk_bad_group_id_gives_nan_rows(ops, walks, bad_id):
+    """An id outside [0, G) in a sorted tensor (first or last after sorting): NaN rows."""
+    student, teacher = torch.randn(3, 50), torch.randn(3, 50)
+    groups = torch.arange(50) * 3 // 50
+    groups[-1 if bad_id > 0 else 0] = bad_id
+    cfg = GroupedKLConfig(num_groups=3, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS,
+                          reduction=REDUCE_NONE)
+    assert class_order.remember(groups, 3).identity
+    loss, state, _, _ = ops.loss_forward(student, teacher, None, None, groups, None, None,
+                                         None, None, None, None, cfg)
+    assert set(walks) == {2}
+    assert torch.isnan(state).all() and torch.isnan(loss).all()
+
+
+def test_stale_identity_order_gives_nan_rows_not_a_wrong_loss(ops, walks):
+    student, teacher = torch.randn(2, 300), torch.randn(2, 300)
+    groups = torch.arange(300, dtype=torch.int32) // 100
+    cfg = GroupedKLConfig(num_groups=3, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
+    assert class_order.remember(groups, 3).identity
+    args = (student, teacher, None, None, groups, None, None, None)
+    fresh, _ = ops.states(*args, cfg)
+    assert torch.isfinite(fresh).all()
+    groups.data[[3, 170]] = groups.data[[170, 3]].clone()       # not seen by _version
+    stale, _ = ops.states(*args, cfg)
+    assert set(walks) == {2}
+    assert torch.isnan(stale).all()
+
+
+def test_sorted_walk_through_the_api(ops, walks):
+    """ltkd_loss remembers the order from 2 groups: ranges take the sorted walk, loss and
+    gradient as the reference's; interleaved groups keep the CLASS walk."""
+    vocab = 1500
+    for groups, expected in ((torch.arange(vocab) * 3 // vocab, 2),
+                             (torch.arange(vocab) % 3, 0)):
+        walks.clear()
+        s, t = torch.randn(4, vocab) * 2, torch.randn(4, vocab) * 2
+        student = s.clone().requires_grad_(True)
+        loss = lk.ltkd_loss(student, t, groups, num_groups=3, temperature=2.0, backend="triton")
+        loss.backward()
+        ref_student = s.double().requires_grad_(True)
+        ref = lk.ltkd_loss(ref_student, t.double(), groups, num_groups=3, temperature=2.0,
+                           backend="torch")
+        ref.backward()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-5,
+                                   atol=1e-7)
+        assert set(walks) == {expected}
 
 
 def test_group_logsumexp_takes_the_ordered_walk(ops, monkeypatch):
@@ -431,10 +579,15 @@ def test_compact_ids_match_torch(ops, compact_ids_always, num_groups, ids, dtype
     _check_against_torch(ops, inputs, cfg, dtype)
 
 
-def test_compact_ids_through_the_ordered_walk(ops, compact_ids_always):
-    """The class order is attached to the original ids; the walk reads the compact ones."""
+@pytest.mark.parametrize("layout, walk", [("ranges", 2), ("shuffled_ranges", 1)])
+def test_compact_ids_through_the_ordered_walk(ops, compact_ids_always, layout, walk):
+    """The class order is attached to the original ids; the walk reads the compact ones:
+    ranges in group order (the identity order, read densely) and ranges in another order
+    (gathered through the order)."""
     cfg = GroupedKLConfig(num_groups=6, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
     groups = torch.arange(600) // 100                     # ranges: the order is taken
+    if layout == "shuffled_ranges":
+        groups = torch.tensor([3, 0, 5, 1, 4, 2])[groups]
     assert class_order.remember(groups, 6) is not None
     inputs = dict(student=torch.randn(3, 600), teacher=torch.randn(3, 600), topk_indices=None,
                   topk_logprobs=None, groups=groups, target=None, class_weight=None, mask=None,
@@ -456,7 +609,7 @@ def test_compact_ids_through_the_ordered_walk(ops, compact_ids_always):
         _check_against_torch(ops, inputs, cfg)
     finally:
         ops._k.grouped_kl_states_kernel = original
-    assert taken and all(t == (True, torch.int8) for t in taken)
+    assert taken and all(t == (walk, torch.int8) for t in taken)
 
 
 @pytest.mark.parametrize("name", ["bkd_ce_weights", "kd_topk_weights", "ltkd_weights"])
@@ -526,7 +679,7 @@ def test_fused_linear_loss_compacts_the_ids_once_and_keeps_the_order(ops, compac
         results[backend] = (loss.detach(), xs.grad)
     # once per pass over the chunks (here one: the forward computes the gradients too)
     assert copies == [torch.int64]
-    assert len(walks) >= 6 and all(walk == (True, torch.int8) for walk in walks)
+    assert len(walks) >= 6 and all(walk == (2, torch.int8) for walk in walks)
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-4, atol=1e-6)
 

@@ -7,7 +7,9 @@ costs the same per element for any G, but gathers the logits. Whether the gather
 memory than the CLASS walk depends on how the groups interleave; ``sectors`` measures it: the
 32-byte sectors the gathers of all groups touch, relative to one dense read of the row (1 for
 groups that are ranges of classes; about ``G (1 - (1 - 1/G)^16)`` for bf16 logits whose groups
-are drawn at random).
+are drawn at random). Groups that are ranges of classes in group order (the order is the
+identity: a long tail whose classes are numbered by frequency) need no gather at all: each
+group's range is read densely, one group after the other, at any G from 2.
 
 The order is computed where the groups' values are already checked (once per distinct tensor,
 :mod:`ltkd_kernels._arguments`), with the same key (version counter, storage address, G), and
@@ -24,9 +26,12 @@ import torch
 
 from .._validation import _compiling
 
-# The ordered walk is considered from this many groups (below, the CLASS walk's cost per
-# element is within its budget: docs/design.md).
+# The gathering ordered walk is considered from this many groups (below, the CLASS walk's cost
+# per element is within its budget: docs/design.md).
 ORDER_MIN_GROUPS = 5
+# The order is computed from this many groups: groups that are ranges of classes in group order
+# (an identity order) are walked group by group with dense reads at any G >= 2.
+SORTED_MIN_GROUPS = 2
 SECTOR_BYTES = 32
 _ATTRIBUTE = "_ltkd_kernels_class_order"
 
@@ -35,12 +40,14 @@ class ClassOrder(NamedTuple):
     order: torch.Tensor        # (V,) int32: the classes sorted by group, ascending in a group
     bounds: torch.Tensor       # (G + 1,) int32: group k is order[bounds[k]:bounds[k + 1]]
     sectors: Dict[int, float]  # element size in bytes -> sectors gathered / sectors of a row
+    identity: bool = False     # order == arange(V): every group a range, in group order
 
 
 def build(groups: torch.Tensor, num_groups: int, with_sectors: bool = True) -> ClassOrder:
     """The class order of ``groups`` (ids outside ``[0, G)`` land in the first or last group's
     positions, where the kernel's per-element check finds them). ``with_sectors`` reads the
-    sector counts back to the host (one synchronisation)."""
+    sector counts and whether the order is the identity back to the host (one
+    synchronisation)."""
     ids = groups.long()
     vocab = ids.shape[0]
     order = torch.argsort(ids, stable=True)
@@ -48,6 +55,7 @@ def build(groups: torch.Tensor, num_groups: int, with_sectors: bool = True) -> C
     bounds[0] = 0
     bounds[num_groups] = vocab
     sectors: Dict[int, float] = {}
+    identity = False
     if with_sectors and vocab > 0:
         classes = torch.arange(vocab, device=ids.device)
         for itemsize in (2, 4):
@@ -56,7 +64,8 @@ def build(groups: torch.Tensor, num_groups: int, with_sectors: bool = True) -> C
             touched = torch.unique(ids.clamp(-1, num_groups) * row_sectors
                                    + classes // per_sector).numel()
             sectors[itemsize] = touched / row_sectors
-    return ClassOrder(order.to(torch.int32), bounds.to(torch.int32), sectors)
+        identity = bool((ids[1:] >= ids[:-1]).all()) if vocab > 1 else True
+    return ClassOrder(order.to(torch.int32), bounds.to(torch.int32), sectors, identity)
 
 
 def _key(groups: torch.Tensor, num_groups: int):
@@ -82,7 +91,7 @@ def attach(groups: torch.Tensor, num_groups: int, order: ClassOrder) -> None:
 
 def remember(groups: torch.Tensor, num_groups: int) -> Optional[ClassOrder]:
     """Compute (once per distinct tensor and G) and attach the class order of ``groups``."""
-    if num_groups < ORDER_MIN_GROUPS or groups.device.type == "meta":
+    if num_groups < SORTED_MIN_GROUPS or groups.device.type == "meta":
         return None
     found = cached(groups, num_groups)
     if found is not None:
@@ -95,10 +104,10 @@ def remember(groups: torch.Tensor, num_groups: int) -> Optional[ClassOrder]:
 def remember_for_triton(groups: torch.Tensor, num_groups: int, backend: str) -> None:
     """:func:`remember` where the Triton walk may run (a CUDA tensor, or ``backend="triton"``),
     outside ``torch.compile`` (whose graphs cannot take the host read)."""
-    if (num_groups >= ORDER_MIN_GROUPS and (groups.device.type == "cuda" or backend == "triton")
+    if (num_groups >= SORTED_MIN_GROUPS and (groups.device.type == "cuda" or backend == "triton")
             and not _compiling()):
         remember(groups, num_groups)
 
 
-__all__ = ["ClassOrder", "ORDER_MIN_GROUPS", "attach", "build", "cached", "remember",
+__all__ = ["ClassOrder", "ORDER_MIN_GROUPS", "SORTED_MIN_GROUPS", "attach", "build", "cached", "remember",
            "remember_for_triton"]

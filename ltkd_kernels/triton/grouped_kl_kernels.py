@@ -56,6 +56,9 @@ How the states kernel walks a V-slice (the per-element cost is what bounds it):
   one-group walk over its positions of the class order (the classes sorted by group), the
   logits gathered; work per element flat in G, each group's state at its own maxima. Every
   gathered class's group id is compared with the walked group (a stale order, a bad id: NaN).
+  ``ORDER == 2``, the identity order (groups that are ranges of classes, in group order): the
+  same walk without the order, each group's range read densely like a one-group row (wide
+  aligned loads after one masked sub-tile at the range's start), its ids still checked.
 - Excluded classes: TARGET's target (its group 1 is the rest) and BUCKET's valid top-k entries
   (its group 1 is the classes off the entries, summed directly). The full blocks holding one
   are left out of the fast loop and walked with masks; the fast loop has no per-element test.
@@ -246,7 +249,9 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     ids ``g``, log class weights ``lw``. Unused ones are placeholders the compiler drops.
     ``PAIRS_*``: bf16 rows read as int32 pairs (unmasked tiles only). ``ORDER``: the positions
     are positions of the class order (the classes sorted by group): the classes are
-    ``order[start + offs3]`` (gathered), and ``g`` is their group ids (``gbase`` past ``hi``).
+    ``order[start + offs3]`` (gathered; ``ORDER == 2``: the order is the identity, the
+    positions are the classes, read densely), and ``g`` is their group ids (``gbase`` past
+    ``hi``).
 
     Each unit is its own load of ``[1, LANES, VEC]``: one ``[U, LANES, VEC]`` load would tie
     its first two dimensions for the coalescing pass, which Triton 3.6 breaks towards the
@@ -278,11 +283,12 @@ def _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     """One unit of :func:`_load_tile`: the classes ``start + offs3 + SHIFT``, as
     ``[LANES, VEC]`` (``SHIFT`` is 0 for a masked unit)."""
     offs = start + offs3
-    # The pointers' constant part (the class order's positions under ORDER, else the classes).
-    C: tl.constexpr = 0 if ORDER else SHIFT
+    # The pointers' constant part (the class order's positions under ORDER == 1, else the
+    # classes; ORDER == 2 is the identity order: the positions are the classes).
+    C: tl.constexpr = 0 if ORDER == 1 else SHIFT
     if MASKED:
         inside = offs < hi
-    if ORDER:
+    if ORDER == 1:
         # (the scalar start first: the positions are then constant offsets from one address)
         positions = (order_ptr + start) + offs3 + SHIFT
         if MASKED:
@@ -593,7 +599,9 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
     remainder one masked ``[LANES, VEC]`` sub-tile at a time. With excluded classes (``EXCL``:
     positions ``p0 .. pend`` of an ascending list), the full blocks holding one are left out of
     the fast loop and taken with masks. ``ORDER``: ``[lo, hi)`` are positions of the class order
-    (one group's classes, see :func:`_load_tile`). Returns the lane state (see
+    (one group's classes, see :func:`_load_tile`); with the identity order (``ORDER == 2``) a
+    group starts anywhere, so the classes up to the next multiple of ``LANES * VEC`` are one
+    masked sub-tile first, and the fast loop's loads stay aligned. Returns the lane state (see
     :func:`_dense_step`)."""
     SUB: tl.constexpr = LANES * VEC
     BLOCK: tl.constexpr = SUB * UNROLL
@@ -628,8 +636,22 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
     seen = tl.zeros([LANES], tl.int32)
     twice = tl.zeros([LANES], tl.int32)
     no_ex = offs < 0
-    # (Non-negative: divided as unsigned, a shift without a sign fix-up to keep alive.)
-    nfull = ((hi - lo).to(tl.uint32) // BLOCK).to(tl.int32)
+    if ORDER == 2:
+        # (a multiple of SUB by construction: the compiler sees the alignment of the loads)
+        up = ((lo + (SUB - 1)) // SUB) * SUB
+        head_end = tl.minimum(up, hi)
+        if lo < head_end:
+            mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
+                srow, trow, groups_ptr, order_ptr, cw_ptr, lo, head_end, offs3, offs3,
+                tail < 0, mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G,
+                gbase, inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW,
+                CE_SEP, EXACT, SHARED, True, EXCL, False, BAD_OR, False, False, CW_LOG, ORDER,
+                VEC)
+        lo = up
+        nfull = (tl.maximum(hi - lo, 0).to(tl.uint32) // BLOCK).to(tl.int32)
+    else:
+        # (Non-negative: divided as unsigned, a shift without a sign fix-up to keep alive.)
+        nfull = ((hi - lo).to(tl.uint32) // BLOCK).to(tl.int32)
     p = p0
     if EXCL == 0:
         for i in range(0, nfull):
@@ -940,7 +962,8 @@ def grouped_kl_states_kernel(
     PAIRS_S: tl.constexpr,      # student bf16 with even row stride: read as int32 pairs
     PAIRS_T: tl.constexpr,      # teacher bf16 with even row stride: read as int32 pairs
     CW_LOG: tl.constexpr,       # class weights: 0 tl.log, 1 hardware log, 2 given as logs
-    ORDER: tl.constexpr,        # CLASS rule: walk the groups one by one through the class order
+    ORDER: tl.constexpr,        # CLASS rule: walk the groups one by one through the class
+                                #   order (1: gathered; 2: the identity order, read densely)
     LANES: tl.constexpr,        # 32 * num_warps: one lane per thread
 ):
     """Op 1 on one (row, V-slice, chunk of groups): the slice's per-group state and extras.
@@ -1031,8 +1054,8 @@ def grouped_kl_states_kernel(
                     mS, mT, sS, sT, h, LX, LT, LA_k, sX_k, bad_k, seen, twice = _dense_pass(
                         srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, glo, ghi, t_local,
                         p0, pend, k, G, inv_t, no_ref, no_ref, False, DENSE_S, DENSE_T, WITH_H,
-                        HAS_CW, CE_SEP, False, False, 0, False, False, False, CW_LOG, True, 1, 1,
-                        VEC, UNROLL, LANES)
+                        HAS_CW, CE_SEP, False, False, 0, False, PAIRS_S, PAIRS_T, CW_LOG, ORDER,
+                        1, 1, VEC, UNROLL, LANES)
                     bad_lanes = bad_lanes | bad_k
                     dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
                         mS, mT, sS, sT, h, LX, LT, inv_t, False, DENSE_S, DENSE_T, WITH_H, HAS_CW)
