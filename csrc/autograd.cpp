@@ -10,6 +10,7 @@
 //
 // The Python Function stays for every other call (torch.compile tracing, dispatch modes, the
 // distributed modes, the Triton and torch backends): ltkd_kernels/ops/grouped_kl.py decides.
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
 
 #include <array>
@@ -66,6 +67,21 @@ gkl::Options unpack(const c10::List<double>& v) {
 
 OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// The kernels' gradient is not differentiable again. Under create_graph=True it is returned
+// with an error node as its grad_fn, so that a backward through it (a gradient penalty, a
+// second derivative) raises instead of treating it as a constant.
+constexpr const char* kNotTwice =
+    "ltkd_kernels: the gradient of a loss on the 'cpu' or 'triton' backend cannot be "
+    "differentiated again (create_graph=True); use backend='torch' (the reference) for "
+    "second derivatives";
+
+at::Tensor not_differentiable_again(const at::Tensor& grad) {
+  if (!at::GradMode::is_enabled()) return grad;
+  at::Tensor alias = grad.detach();
+  alias.set_requires_grad(true);
+  return torch::autograd::DelayedError(kNotTwice, 1).apply({alias})[0];
+}
+
 at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 
 struct GroupedKLFunction : public torch::autograd::Function<GroupedKLFunction> {
@@ -118,7 +134,7 @@ struct GroupedKLFunction : public torch::autograd::Function<GroupedKLFunction> {
       ctx->saved_data.erase(fused);
       backward_calls[0].fetch_add(1, std::memory_order_relaxed);
       grouped_kl_scale_grad(grad, grad_loss);
-      out[0] = std::move(grad);
+      out[0] = not_differentiable_again(grad);
       return out;
     }
     const variable_list saved = ctx->get_saved_variables();
@@ -128,6 +144,7 @@ struct GroupedKLFunction : public torch::autograd::Function<GroupedKLFunction> {
                              optional(saved[6]), optional(saved[7]), optional(saved[8]),
                              optional(saved[9]), saved[kSavedInputs], saved[kSavedInputs + 1],
                              saved[kSavedInputs + 2], grad_loss, opt);
+    out[0] = not_differentiable_again(out[0]);
     return out;
   }
 };

@@ -161,3 +161,34 @@ def test_python_function_where_the_node_does_not_apply():
     with Passthrough():
         value = lk.kd_loss(student, t, backend="cpu")
     assert value.grad_fn.name() == "GroupedKLLossBackward"
+
+
+@pytest.mark.parametrize("node", ["native", "python"])
+@pytest.mark.parametrize("loss", ["kd", "ltkd"])
+def test_gradient_is_not_silently_differentiated_twice(python_node, node, loss):
+    """The kernels' gradient is not differentiable again: under create_graph=True a backward
+    through it raises (never a penalty silently treated as a constant); first-order results
+    are unchanged. The reference (backend="torch") differentiates twice."""
+    s, t, y = _inputs(3, seed=17)
+    student = s.clone().requires_grad_(True)
+
+    def first_order():
+        value = LOSSES[loss](student, t, y)
+        (g,) = torch.autograd.grad(value, student, create_graph=True)
+        return g
+
+    if node == "python":
+        with python_node:
+            g = first_order()
+    else:
+        g = first_order()
+    (plain,) = torch.autograd.grad(LOSSES[loss](student, t, y), student)
+    assert torch.equal(g.detach(), plain)
+    other = (student * 2.0).sum()
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        ((g ** 2).sum() + other).backward()
+    x = s.double().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(lk.kd_loss(x, t.double(), temperature=2.0, backend="torch"),
+                                   x, create_graph=True)
+    (g_ref ** 2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

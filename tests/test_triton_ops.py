@@ -941,3 +941,16 @@ def test_bucket_entries_covering_every_class(ops):
                   group_logmass=None)
     state, _ = _check_against_torch(ops, inputs, cfg)
     assert state[:, 1, 1].eq(0).all() and state[:, 0, 1].eq(float("-inf")).all()
+
+
+def test_gradient_is_not_silently_differentiated_twice():
+    """Under create_graph=True the Triton backend's gradient carries an error node: a backward
+    through it raises rather than treating it as a constant (first-order values unchanged)."""
+    s, t = torch.randn(3, 40), torch.randn(3, 40)
+    student = s.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(lk.kd_loss(student, t, backend="triton"), student,
+                               create_graph=True)
+    (plain,) = torch.autograd.grad(lk.kd_loss(student, t, backend="triton"), student)
+    assert torch.equal(g.detach(), plain)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        ((g ** 2).sum() + student.sum()).backward()

@@ -207,6 +207,20 @@ _current_dispatch_mode = _python_dispatch._get_current_dispatch_mode
 FUSED_CPU_GRADIENT = os.environ.get("LTKD_KERNELS_CPU_FUSED_GRAD", "1").strip() != "0"
 
 
+_NOT_TWICE = (b"ltkd_kernels: the gradient of a loss on the 'cpu' or 'triton' backend cannot be "
+              b"differentiated again (create_graph=True); use backend='torch' (the reference) "
+              b"for second derivatives")
+
+
+def _not_differentiable_again(grad: Tensor) -> Tensor:
+    """``grad`` (a kernel's, not differentiable again), under ``create_graph=True`` with an error
+    node as its grad_fn: a backward through it raises instead of treating it as a constant. Eager
+    calls only (a traced backward keeps the plain gradient)."""
+    if not torch.is_grad_enabled():
+        return grad
+    return torch._C._functions.DelayedError(_NOT_TWICE, 1)(grad.detach().requires_grad_(True))
+
+
 class GroupedKLLoss(torch.autograd.Function):
     """The autograd of ``grouped_kl_loss``: forward is the operator, backward the backward
     operator (one kernel). An ``autograd.Function`` rather than ``register_autograd``: the
@@ -259,12 +273,13 @@ class GroupedKLLoss(torch.autograd.Function):
         if fused is not None:
             # Taken once: a second backward (retain_graph) computes the gradient afresh.
             kernel_module(backend, fused.device).scale_grad(fused, grad_loss)
-            return (fused,) + nothing
+            return (_not_differentiable_again(fused),) + nothing
         saved_tensors = ctx.saved_tensors
         if _direct(grad_loss):
             tensors = saved_tensors[:len(_TENSORS)]
             state, extras, saved = saved_tensors[len(_TENSORS):]
-            grad_student = _gradient(grad_loss, tensors, state, extras, saved, cfg, backend)
+            grad_student = _not_differentiable_again(
+                _gradient(grad_loss, tensors, state, extras, saved, cfg, backend))
         else:
             grad_student = torch.ops.ltkd_kernels.grouped_kl_loss_backward(
                 grad_loss, *saved_tensors, *cfg, backend)
