@@ -42,7 +42,9 @@ Options every loss takes (keyword-only):
   and none backward.
 - ``backend``: ``"auto"`` (Triton on CUDA, C++ on CPU, the plain-torch operators where
   neither can run, the reference for float64), ``"triton"``, ``"cpu"``, ``"torch"`` (the
-  reference). A named backend that cannot run raises; there is no silent fallback.
+  reference). A named backend that cannot run raises; there is no silent fallback. The
+  kernels' gradient is first-order: with ``create_graph=True`` a backward through it raises
+  (use ``"torch"`` for second derivatives).
 
 A teacher may be a :class:`ltkd_kernels.TopKTeacher` (top-k indices and log-probabilities)
 wherever teacher logits are accepted (see :mod:`ltkd_kernels.topk`).
