@@ -282,21 +282,31 @@ def test_ordered_walk_split_over_positions(ops, name, splits):
 def test_ordered_walk_bf16_tail_group_one_class_and_empty_groups(ops):
     """bf16 logits; a group far below the others (each group is walked at its own maxima:
     exact at any gap), a one-class group (sums exactly 1, gap 0), empty groups."""
+    groups = torch.arange(1500) % 5                        # groups 5 and 7 empty
+    groups[777] = 6                                        # group 6: one class
+    inputs, cfg = _tail_group_inputs(groups)
+    with ops.forced_walk("ordered"):
+        state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
+    _assert_tail_group_state(state)
+
+
+def _tail_group_inputs(groups):
+    """bf16 logits over 8 groups, group 2 about 400 nats below the others."""
     cfg = GroupedKLConfig(num_groups=8, temperature=1.0, alpha=0.7, beta=1.3, rebalance=True,
                           group_rule=GROUP_CLASS)
-    vocab = 1500
-    groups = torch.arange(vocab) % 5                       # groups 5 and 7 empty
-    groups[777] = 6                                        # group 6: one class
-    student = torch.randn(3, vocab) * 2
-    teacher = torch.randn(3, vocab) * 2
+    student = torch.randn(3, groups.shape[0]) * 2
+    teacher = torch.randn(3, groups.shape[0]) * 2
     student[:, groups == 2] -= 400.0
     teacher[:, groups == 2] -= 403.0
     inputs = dict(student=student.to(torch.bfloat16), teacher=teacher.to(torch.bfloat16),
                   topk_indices=None, topk_logprobs=None, groups=groups.to(torch.int32),
                   target=None, class_weight=None, mask=None, sample_weight=None,
                   group_logmass=None)
-    with ops.forced_walk("ordered"):
-        state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
+    return inputs, cfg
+
+
+def _assert_tail_group_state(state):
+    """Group 6 of one class: sums exactly 1, gap 0; groups 5 and 7 empty."""
     assert (state[:, 1, 6] == 1).all() and (state[:, 3, 6] == 1).all()
     assert (state[:, 4, 6] == 0).all()
     assert state[:, 0, [5, 7]].eq(float("-inf")).all() and state[:, 1, [5, 7]].eq(0).all()
@@ -445,25 +455,13 @@ def test_sorted_walk_split_over_the_vocabulary(ops, name, splits):
 def test_sorted_walk_bf16_tail_group_one_class_and_empty_groups(ops, walks):
     """Each group at its own maxima: a group 400 nats below the others, a one-class group
     (sums exactly 1, gap 0), empty groups, a group of one class at an unaligned start."""
-    cfg = GroupedKLConfig(num_groups=8, temperature=1.0, alpha=0.7, beta=1.3, rebalance=True,
-                          group_rule=GROUP_CLASS)
-    vocab = 3001
-    groups = torch.sort(torch.arange(vocab) % 5).values        # groups 5 and 7 empty
+    groups = torch.sort(torch.arange(3001) % 5).values        # groups 5 and 7 empty
     groups[-1] = 6                                               # group 6: one class
-    student = torch.randn(3, vocab) * 2
-    teacher = torch.randn(3, vocab) * 2
-    student[:, groups == 2] -= 400.0
-    teacher[:, groups == 2] -= 403.0
-    inputs = dict(student=student.to(torch.bfloat16), teacher=teacher.to(torch.bfloat16),
-                  topk_indices=None, topk_logprobs=None, groups=groups.to(torch.int32),
-                  target=None, class_weight=None, mask=None, sample_weight=None,
-                  group_logmass=None)
+    inputs, cfg = _tail_group_inputs(groups)
     assert class_order.remember(inputs["groups"], 8).identity
     state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
     assert set(walks) == {2}
-    assert (state[:, 1, 6] == 1).all() and (state[:, 3, 6] == 1).all()
-    assert (state[:, 4, 6] == 0).all()
-    assert state[:, 0, [5, 7]].eq(float("-inf")).all() and state[:, 1, [5, 7]].eq(0).all()
+    _assert_tail_group_state(state)
 
 
 @pytest.mark.parametrize("bad_id", [3, -1, 2 ** 31 - 1])
