@@ -347,8 +347,12 @@ def test_class_order_and_its_sectors():
     order = class_order.build(groups, 4)
     assert order.order.tolist() == [1, 4, 7, 3, 0, 2, 5, 6]
     assert order.bounds.tolist() == [0, 3, 4, 8, 8]               # group 3 empty
+    assert not order.ranges
     ranges = torch.arange(4096) * 8 // 4096                       # 8 ranges of 512 classes
     assert class_order.build(ranges, 8).sectors == {2: 1.0, 4: 1.0}
+    assert class_order.build(ranges, 8).ranges and class_order.build(7 - ranges, 8).ranges
+    assert class_order.build(ranges, 9).ranges                    # group 8 empty
+    assert not class_order.build((torch.arange(4096) // 256) % 8, 8).ranges  # 2 ranges each
     drawn = torch.randint(32, (1 << 16,), generator=torch.Generator().manual_seed(0))
     expected = 32 * (1 - (31 / 32) ** 16)                          # bf16: 16 classes a sector
     assert abs(class_order.build(drawn, 32).sectors[2] - expected) < 0.05 * expected
@@ -379,7 +383,7 @@ def test_the_rule_takes_the_ordered_walk_where_it_gathers_cheaply(ops, layout, d
     assert (ops._class_order(cfg, groups, student, teacher, False) is not None) == ordered
 
 
-# The identity order (groups that are ranges of classes in group order): each group's range
+# Groups that are each one range of classes (here mostly in group order): each group's range
 # read densely, one group after the other (ORDER == 2).
 
 def _in_group_order(inputs):
@@ -404,86 +408,88 @@ def walks(ops, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4099)], ids=str)
 @pytest.mark.parametrize("name", ORDERED_CASES)
-def test_sorted_walk_matches_torch(ops, walks, name, shape):
+def test_ranges_walk_matches_torch(ops, walks, name, shape):
     """Every CLASS-rule configuration with its groups in ranges, the order remembered (as the
     API does), taken by the rule, against the float64 torch form."""
     inputs, cfg = make_op_inputs(_case(name), *shape, torch.float32)
     if inputs is None:
         pytest.skip("V too small for the case")
     inputs = _in_group_order(inputs)
-    assert class_order.remember(inputs["groups"], cfg.num_groups).identity
+    assert class_order.remember(inputs["groups"], cfg.num_groups).ranges
     _check_against_torch(ops, inputs, cfg)
     assert walks and set(walks) == {2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [1030, 2053])
-def test_sorted_walk_half_logits(ops, walks, dtype, vocab):
+def test_ranges_walk_half_logits(ops, walks, dtype, vocab):
     """Half logits (bf16 read as int32 pairs where the row stride is even), int32 and int64
     ids, groups starting at unaligned classes."""
     inputs, cfg = make_op_inputs(_case("ltkd_G8_masked_rows"), 3, vocab, dtype)
     inputs = _in_group_order(inputs)
-    with ops.forced_walk("sorted"):
+    with ops.forced_walk("ranges"):
         _check_against_torch(ops, inputs, cfg, dtype)
     assert set(walks) == {2}
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("class_weight", [False, True], ids=["", "class_weight"])
-def test_sorted_walk_with_cross_entropy_and_class_weights(ops, walks, temperature,
+def test_ranges_walk_with_cross_entropy_and_class_weights(ops, walks, temperature,
                                                           class_weight):
     inputs, cfg = make_op_inputs(_ce_case(temperature, class_weight), 4, 1031, torch.float32)
-    with ops.forced_walk("sorted"):
+    with ops.forced_walk("ranges"):
         _check_against_torch(ops, _in_group_order(inputs), cfg)
     assert set(walks) == {2}
 
 
 @pytest.mark.parametrize("splits", [2, 3])
 @pytest.mark.parametrize("name", ["ltkd_G8_masked_rows", "topk_ltkd", "ce"])
-def test_sorted_walk_split_over_the_vocabulary(ops, name, splits):
-    """Slices cut groups anywhere (each slice's part of a group starts unaligned); the merged
-    state equals the unsplit one up to the order of the sums."""
+def test_ranges_walk_split_over_the_vocabulary(ops, name, splits):
+    """Slices cut groups anywhere (each slice's part of a group starts unaligned); groups in
+    reverse order (a slice of positions is then a range of another group's classes); the
+    merged state equals the unsplit one up to the order of the sums."""
     case = _ce_case() if name == "ce" else _case(name)
     inputs, cfg = make_op_inputs(case, 3, 4321, torch.float32)
     inputs = _in_group_order(inputs)
-    with ops.forced_walk("sorted"):
+    inputs["groups"] = cfg.num_groups - 1 - inputs["groups"]
+    with ops.forced_walk("ranges"):
         with ops.forced_splits(splits):
             state, extras = _check_against_torch(ops, inputs, cfg)
         _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
 
 
-def test_sorted_walk_bf16_tail_group_one_class_and_empty_groups(ops, walks):
+def test_ranges_walk_bf16_tail_group_one_class_and_empty_groups(ops, walks):
     """Each group at its own maxima: a group 400 nats below the others, a one-class group
     (sums exactly 1, gap 0), empty groups, a group of one class at an unaligned start."""
     groups = torch.sort(torch.arange(3001) % 5).values        # groups 5 and 7 empty
     groups[-1] = 6                                               # group 6: one class
     inputs, cfg = _tail_group_inputs(groups)
-    assert class_order.remember(inputs["groups"], 8).identity
+    assert class_order.remember(inputs["groups"], 8).ranges
     state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
     assert set(walks) == {2}
     _assert_tail_group_state(state)
 
 
 @pytest.mark.parametrize("bad_id", [3, -1, 2 ** 31 - 1])
-def test_sorted_walk_bad_group_id_gives_nan_rows(ops, walks, bad_id):
+def test_ranges_walk_bad_group_id_gives_nan_rows(ops, walks, bad_id):
     """An id outside [0, G) in a sorted tensor (first or last after sorting): NaN rows."""
     student, teacher = torch.randn(3, 50), torch.randn(3, 50)
     groups = torch.arange(50) * 3 // 50
     groups[-1 if bad_id > 0 else 0] = bad_id
     cfg = GroupedKLConfig(num_groups=3, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS,
                           reduction=REDUCE_NONE)
-    assert class_order.remember(groups, 3).identity
+    assert class_order.remember(groups, 3).ranges
     loss, state, _, _ = ops.loss_forward(student, teacher, None, None, groups, None, None,
                                          None, None, None, None, cfg)
     assert set(walks) == {2}
     assert torch.isnan(state).all() and torch.isnan(loss).all()
 
 
-def test_stale_identity_order_gives_nan_rows_not_a_wrong_loss(ops, walks):
+def test_stale_ranges_order_gives_nan_rows_not_a_wrong_loss(ops, walks):
     student, teacher = torch.randn(2, 300), torch.randn(2, 300)
     groups = torch.arange(300, dtype=torch.int32) // 100
     cfg = GroupedKLConfig(num_groups=3, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
-    assert class_order.remember(groups, 3).identity
+    assert class_order.remember(groups, 3).ranges
     args = (student, teacher, None, None, groups, None, None, None)
     fresh, _ = ops.states(*args, cfg)
     assert torch.isfinite(fresh).all()
@@ -493,11 +499,13 @@ def test_stale_identity_order_gives_nan_rows_not_a_wrong_loss(ops, walks):
     assert torch.isnan(stale).all()
 
 
-def test_sorted_walk_through_the_api(ops, walks):
-    """ltkd_loss remembers the order from 2 groups: ranges take the sorted walk, loss and
-    gradient as the reference's; interleaved groups keep the CLASS walk."""
+def test_ranges_walk_through_the_api(ops, walks):
+    """ltkd_loss remembers the order from 2 groups: groups that are one range each (in group
+    order, reversed, shuffled) take the dense walk, loss and gradient as the reference's;
+    interleaved groups keep the CLASS walk."""
     vocab = 1500
-    for groups, expected in ((torch.arange(vocab) * 3 // vocab, 2),
+    ranges = torch.arange(vocab) * 3 // vocab
+    for groups, expected in ((ranges, 2), (2 - ranges, 2), (torch.tensor([1, 2, 0])[ranges], 2),
                              (torch.arange(vocab) % 3, 0)):
         walks.clear()
         s, t = torch.randn(4, vocab) * 2, torch.randn(4, vocab) * 2
@@ -577,15 +585,18 @@ def test_compact_ids_match_torch(ops, compact_ids_always, num_groups, ids, dtype
     _check_against_torch(ops, inputs, cfg, dtype)
 
 
-@pytest.mark.parametrize("layout, walk", [("ranges", 2), ("shuffled_ranges", 1)])
+@pytest.mark.parametrize("layout, walk", [("ranges", 2), ("shuffled_ranges", 2),
+                                          ("two_ranges_each", 1)])
 def test_compact_ids_through_the_ordered_walk(ops, compact_ids_always, layout, walk):
     """The class order is attached to the original ids; the walk reads the compact ones:
-    ranges in group order (the identity order, read densely) and ranges in another order
-    (gathered through the order)."""
+    groups that are one range each, in group order or not (read densely), and groups of two
+    ranges each (gathered through the order)."""
     cfg = GroupedKLConfig(num_groups=6, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
     groups = torch.arange(600) // 100                     # ranges: the order is taken
     if layout == "shuffled_ranges":
         groups = torch.tensor([3, 0, 5, 1, 4, 2])[groups]
+    elif layout == "two_ranges_each":
+        groups = (torch.arange(600) // 50) % 6
     assert class_order.remember(groups, 6) is not None
     inputs = dict(student=torch.randn(3, 600), teacher=torch.randn(3, 600), topk_indices=None,
                   topk_logprobs=None, groups=groups, target=None, class_weight=None, mask=None,

@@ -7,8 +7,8 @@ costs the same per element for any G, but gathers the logits. Whether the gather
 memory than the CLASS walk depends on how the groups interleave; ``sectors`` measures it: the
 32-byte sectors the gathers of all groups touch, relative to one dense read of the row (1 for
 groups that are ranges of classes; about ``G (1 - (1 - 1/G)^16)`` for bf16 logits whose groups
-are drawn at random). Groups that are ranges of classes in group order (the order is the
-identity: a long tail whose classes are numbered by frequency) need no gather at all: each
+are drawn at random). Groups that are each one range of classes, in any order (a long tail
+whose classes are numbered by frequency, either way round) need no gather at all: each
 group's range is read densely, one group after the other, at any G from 2.
 
 The order is computed where the groups' values are already checked (once per distinct tensor,
@@ -29,9 +29,9 @@ from .._validation import _compiling
 # The gathering ordered walk is considered from this many groups (below, the CLASS walk's cost
 # per element is within its budget: docs/design.md).
 ORDER_MIN_GROUPS = 5
-# The order is computed from this many groups: groups that are ranges of classes in group order
-# (an identity order) are walked group by group with dense reads at any G >= 2.
-SORTED_MIN_GROUPS = 2
+# The order is computed from this many groups: groups that are each one range of classes are
+# walked group by group with dense reads at any G >= 2.
+RANGES_MIN_GROUPS = 2
 SECTOR_BYTES = 32
 _ATTRIBUTE = "_ltkd_kernels_class_order"
 
@@ -40,13 +40,13 @@ class ClassOrder(NamedTuple):
     order: torch.Tensor        # (V,) int32: the classes sorted by group, ascending in a group
     bounds: torch.Tensor       # (G + 1,) int32: group k is order[bounds[k]:bounds[k + 1]]
     sectors: Dict[int, float]  # element size in bytes -> sectors gathered / sectors of a row
-    identity: bool = False     # order == arange(V): every group a range, in group order
+    ranges: bool = False       # every group is one range of classes (order[bounds[k]] onwards)
 
 
 def build(groups: torch.Tensor, num_groups: int, with_sectors: bool = True) -> ClassOrder:
     """The class order of ``groups`` (ids outside ``[0, G)`` land in the first or last group's
     positions, where the kernel's per-element check finds them). ``with_sectors`` reads the
-    sector counts and whether the order is the identity back to the host (one
+    sector counts and whether every group is one range of classes back to the host (one
     synchronisation)."""
     ids = groups.long()
     vocab = ids.shape[0]
@@ -55,7 +55,7 @@ def build(groups: torch.Tensor, num_groups: int, with_sectors: bool = True) -> C
     bounds[0] = 0
     bounds[num_groups] = vocab
     sectors: Dict[int, float] = {}
-    identity = False
+    ranges = False
     if with_sectors and vocab > 0:
         classes = torch.arange(vocab, device=ids.device)
         for itemsize in (2, 4):
@@ -64,8 +64,13 @@ def build(groups: torch.Tensor, num_groups: int, with_sectors: bool = True) -> C
             touched = torch.unique(ids.clamp(-1, num_groups) * row_sectors
                                    + classes // per_sector).numel()
             sectors[itemsize] = touched / row_sectors
-        identity = bool((ids[1:] >= ids[:-1]).all()) if vocab > 1 else True
-    return ClassOrder(order.to(torch.int32), bounds.to(torch.int32), sectors, identity)
+        # (within a group the order ascends: one range iff its last class - first = size - 1)
+        sizes = bounds[1:] - bounds[:-1]
+        held = sizes > 0
+        first = order[bounds[:-1].clamp(max=vocab - 1)]
+        last = order[(bounds[1:] - 1).clamp(min=0)]
+        ranges = bool(((last - first == sizes - 1) | ~held).all())
+    return ClassOrder(order.to(torch.int32), bounds.to(torch.int32), sectors, ranges)
 
 
 def _key(groups: torch.Tensor, num_groups: int):
@@ -91,7 +96,7 @@ def attach(groups: torch.Tensor, num_groups: int, order: ClassOrder) -> None:
 
 def remember(groups: torch.Tensor, num_groups: int) -> Optional[ClassOrder]:
     """Compute (once per distinct tensor and G) and attach the class order of ``groups``."""
-    if num_groups < SORTED_MIN_GROUPS or groups.device.type == "meta":
+    if num_groups < RANGES_MIN_GROUPS or groups.device.type == "meta":
         return None
     found = cached(groups, num_groups)
     if found is not None:
@@ -104,10 +109,10 @@ def remember(groups: torch.Tensor, num_groups: int) -> Optional[ClassOrder]:
 def remember_for_triton(groups: torch.Tensor, num_groups: int, backend: str) -> None:
     """:func:`remember` where the Triton walk may run (a CUDA tensor, or ``backend="triton"``),
     outside ``torch.compile`` (whose graphs cannot take the host read)."""
-    if (num_groups >= SORTED_MIN_GROUPS and (groups.device.type == "cuda" or backend == "triton")
+    if (num_groups >= RANGES_MIN_GROUPS and (groups.device.type == "cuda" or backend == "triton")
             and not _compiling()):
         remember(groups, num_groups)
 
 
-__all__ = ["ClassOrder", "ORDER_MIN_GROUPS", "SORTED_MIN_GROUPS", "attach", "build", "cached", "remember",
-           "remember_for_triton"]
+__all__ = ["ClassOrder", "ORDER_MIN_GROUPS", "RANGES_MIN_GROUPS", "attach", "build", "cached",
+           "remember", "remember_for_triton"]

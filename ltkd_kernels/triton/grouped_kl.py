@@ -30,10 +30,9 @@ How blocks and warps are chosen (the rule, no autotuning):
   ``ORDER_MAX_SECTORS`` sectors per sector of a row, or no more than the CLASS walk's reads of
   it (one per chunk). One state per lane, one class per lane per load (``ORDER_VEC = 1``: a
   wider load of the order would need a layout conversion of every gathered tile), 8 per lane
-  per iteration; one program per (row, slice) for any G. Where the order is the identity
-  (each group a range of classes, in group order) from 2 groups: the same walk reading each
-  range densely (``ORDER = 2``: the one-group walk's ``VEC`` and ``UNROLL``, bf16 pairs, no
-  gather). ``walk_override`` (module setting, or the :func:`forced_walk` context) forces the
+  per iteration; one program per (row, slice) for any G. Where each group is one range of
+  classes (in any order) from 2 groups: the same walk reading each range densely
+  (``ORDER = 2``: the one-group walk's ``VEC`` and ``UNROLL``, bf16 pairs, no gather). ``walk_override`` (module setting, or the :func:`forced_walk` context) forces the
   walk.
 - bf16 rows with an even row stride are read as int32 pairs (``PAIRS_*``). Class weights:
   from ``COMPACT_MIN_ROWS`` rows and ``COMPACT_MIN_ELEMENTS`` elements the launchers pass
@@ -111,7 +110,7 @@ def _launch(kernel, grid, *args, **meta) -> None:
 
 # Forces the number of V-slices per row (tests); None: the rule above.
 split_override: Optional[int] = None
-# Forces the CLASS rule's walk (tests): "ordered", "sorted", "class", or None: the rule above.
+# Forces the CLASS rule's walk (tests): "ordered", "ranges", "class", or None: the rule above.
 walk_override: Optional[str] = None
 
 
@@ -130,9 +129,9 @@ def forced_splits(count: Optional[int]) -> Iterator[None]:
 def forced_walk(name: Optional[str]) -> Iterator[None]:
     """``with forced_walk("ordered"): ...`` walks every CLASS-rule row group by group,
     gathering through the class order (built on the spot when none is attached);
-    ``"sorted"`` the same, taking the order as the identity (each group's range read
-    densely; groups that are not ranges in group order give NaN rows, by the walk's id
-    check); ``"class"`` never walks group by group."""
+    ``"ranges"`` the same, taking each group as one range of classes read densely (groups
+    that are not ranges give NaN rows, by the walk's id check); ``"class"`` never walks
+    group by group."""
     global walk_override
     previous, walk_override = walk_override, name
     try:
@@ -240,12 +239,11 @@ def _group_layout(cfg: GroupedKLConfig):
 def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, cw_dtype,
                 has_topk: bool, has_target: bool, has_mask: bool, topk_k: int = 0,
                 pairs_s: bool = False, pairs_t: bool = False, ordered: bool = False,
-                cw_log: bool = False, identity_order: bool = False) -> Dict:
+                cw_log: bool = False, ranges: bool = False) -> Dict:
     """``(constexprs and warps of grouped_kl_states_kernel, chunks of groups)`` for these
     inputs (dtypes and flags only: shared with the compile test's listing). ``ordered``: the
     CLASS rule's groups walked one by one through the class order (when the walk is a CLASS
-    walk at all); ``identity_order``: that order is the identity (each group a range of
-    classes, read densely). ``cw_log``: the class weights are given as their logs."""
+    walk at all); ``ranges``: each group is one range of classes (read densely). ``cw_log``: the class weights are given as their logs."""
     gc, live, block_g, chunks = _group_layout(cfg)
     has_s = student_dtype is not None
     dense_t = teacher_dtype is not None and not has_topk
@@ -253,7 +251,7 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
     with_ce = cfg.with_ce and has_target and has_s
     dense_s = has_s and topk != TOPK_RESTRICT
     class_walk = cfg.group_rule == GROUP_CLASS and topk != TOPK_BUCKET and (dense_s or dense_t)
-    if class_walk and ordered and identity_order:
+    if class_walk and ordered and ranges:
         # One group at a time, each group's range read as a one-group row is (wide loads).
         ce_sep = with_ce and (cfg.temperature != 1.0 or not dense_s)
         read = [student_dtype if (dense_s or ce_sep) else None,
@@ -302,21 +300,21 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
 
 
 def _class_order(cfg: GroupedKLConfig, groups, student, teacher, has_topk: bool):
-    """The class order the states walk takes (None: the CLASS walk): the identity order (groups
-    that are ranges, in group order) from 2 groups, else see ORDER_MAX_SECTORS."""
+    """The class order the states walk takes (None: the CLASS walk): groups that are each one
+    range of classes from 2 groups, else see ORDER_MAX_SECTORS."""
     if groups is None or cfg.group_rule != GROUP_CLASS or walk_override == "class":
         return None
     if has_topk and cfg.topk_rule == TOPK_BUCKET:
         return None
     G = cfg.num_groups
     found = _orders.cached(groups, G)
-    if walk_override in ("ordered", "sorted"):
+    if walk_override in ("ordered", "ranges"):
         if found is None:
             found = _orders.build(groups, G, with_sectors=False)
-        return found._replace(identity=walk_override == "sorted")
-    if found is None:  # (orders are remembered from SORTED_MIN_GROUPS on)
+        return found._replace(ranges=walk_override == "ranges")
+    if found is None:  # (orders are remembered from RANGES_MIN_GROUPS on)
         return None
-    if found.identity and G >= _orders.SORTED_MIN_GROUPS:
+    if found.ranges and G >= _orders.RANGES_MIN_GROUPS:
         return found
     if G < _orders.ORDER_MIN_GROUPS or not found.sectors:
         return None
@@ -439,7 +437,7 @@ def states(student, teacher, topk_indices, topk_logprobs, groups, target, class_
                                _dtype(class_weight), has_topk, target is not None,
                                mask is not None, k, _pairs(student), _pairs(teacher),
                                order is not None, cw_log=cw_log,
-                               identity_order=order is not None and order.identity)
+                               ranges=order is not None and order.ranges)
     if not meta["ORDER"]:
         order = None
     block = LANES * meta["VEC"] * meta["UNROLL"]

@@ -56,9 +56,10 @@ How the states kernel walks a V-slice (the per-element cost is what bounds it):
   one-group walk over its positions of the class order (the classes sorted by group), the
   logits gathered; work per element flat in G, each group's state at its own maxima. Every
   gathered class's group id is compared with the walked group (a stale order, a bad id: NaN).
-  ``ORDER == 2``, the identity order (groups that are ranges of classes, in group order): the
-  same walk without the order, each group's range read densely like a one-group row (wide
-  aligned loads after one masked sub-tile at the range's start), its ids still checked.
+  ``ORDER == 2``, groups that are each one range of classes (in any order): the same walk
+  without the gather, each group's range (``order[bounds[k]]`` onwards) read densely like a
+  one-group row (wide aligned loads after one masked sub-tile at the range's start), its ids
+  still checked.
 - Excluded classes: TARGET's target (its group 1 is the rest) and BUCKET's valid top-k entries
   (its group 1 is the classes off the entries, summed directly). The full blocks holding one
   are left out of the fast loop and walked with masks; the fast loop has no per-element test.
@@ -249,8 +250,8 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     ids ``g``, log class weights ``lw``. Unused ones are placeholders the compiler drops.
     ``PAIRS_*``: bf16 rows read as int32 pairs (unmasked tiles only). ``ORDER``: the positions
     are positions of the class order (the classes sorted by group): the classes are
-    ``order[start + offs3]`` (gathered; ``ORDER == 2``: the order is the identity, the
-    positions are the classes, read densely), and ``g`` is their group ids (``gbase`` past
+    ``order[start + offs3]`` (gathered; ``ORDER == 2``: the group is one range, ``start``
+    and ``hi`` are classes, read densely), and ``g`` is their group ids (``gbase`` past
     ``hi``).
 
     Each unit is its own load of ``[1, LANES, VEC]``: one ``[U, LANES, VEC]`` load would tie
@@ -284,7 +285,7 @@ def _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     ``[LANES, VEC]`` (``SHIFT`` is 0 for a masked unit)."""
     offs = start + offs3
     # The pointers' constant part (the class order's positions under ORDER == 1, else the
-    # classes; ORDER == 2 is the identity order: the positions are the classes).
+    # classes; under ORDER == 2 the walk is over the group's range of classes).
     C: tl.constexpr = 0 if ORDER == 1 else SHIFT
     if MASKED:
         inside = offs < hi
@@ -599,8 +600,8 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
     remainder one masked ``[LANES, VEC]`` sub-tile at a time. With excluded classes (``EXCL``:
     positions ``p0 .. pend`` of an ascending list), the full blocks holding one are left out of
     the fast loop and taken with masks. ``ORDER``: ``[lo, hi)`` are positions of the class order
-    (one group's classes, see :func:`_load_tile`); with the identity order (``ORDER == 2``) a
-    group starts anywhere, so the classes up to the next multiple of ``LANES * VEC`` are one
+    (one group's classes, see :func:`_load_tile`); for a group that is one range of classes
+    (``ORDER == 2``: ``[lo, hi)`` are its classes) the range starts anywhere, so the classes up to the next multiple of ``LANES * VEC`` are one
     masked sub-tile first, and the fast loop's loads stay aligned. Returns the lane state (see
     :func:`_dense_step`)."""
     SUB: tl.constexpr = LANES * VEC
@@ -963,7 +964,7 @@ def grouped_kl_states_kernel(
     PAIRS_T: tl.constexpr,      # teacher bf16 with even row stride: read as int32 pairs
     CW_LOG: tl.constexpr,       # class weights: 0 tl.log, 1 hardware log, 2 given as logs
     ORDER: tl.constexpr,        # CLASS rule: walk the groups one by one through the class
-                                #   order (1: gathered; 2: the identity order, read densely)
+                                #   order (1: gathered; 2: each group one range, read densely)
     LANES: tl.constexpr,        # 32 * num_warps: one lane per thread
 ):
     """Op 1 on one (row, V-slice, chunk of groups): the slice's per-group state and extras.
@@ -1051,6 +1052,13 @@ def grouped_kl_states_kernel(
                 glo = tl.maximum(tl.load(bounds_ptr + k), lo)
                 ghi = tl.minimum(tl.load(bounds_ptr + k + 1), hi)
                 if glo < ghi:
+                    if ORDER == 2:
+                        # The group is one range of classes: positions [glo, ghi) are the
+                        # classes from order[glo] on (clamped to V: a groups tensor that is
+                        # not ranges then fails the id check, never reads out of bounds).
+                        first = tl.load(order_ptr + glo)
+                        ghi = tl.minimum(first + (ghi - glo), V)
+                        glo = first
                     mS, mT, sS, sT, h, LX, LT, LA_k, sX_k, bad_k, seen, twice = _dense_pass(
                         srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, glo, ghi, t_local,
                         p0, pend, k, G, inv_t, no_ref, no_ref, False, DENSE_S, DENSE_T, WITH_H,
