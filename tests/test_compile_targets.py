@@ -493,8 +493,9 @@ def _config_text(kernel, v) -> str:
             if k in v]
     flags = [k for k, x in v.items() if isinstance(x, bool) and x and k.isupper()]
     tail = [f"CW_LOG={v['CW_LOG']}"] if v.get("HAS_CW") and "CW_LOG" in v else []
-    # The walk through the class order: gathered (ORDER) or each group one range (ORDER=2).
-    order = {1: ["ORDER"], 2: ["ORDER=2"]}.get(v.get("ORDER"), [])
+    # The walk through the class order: gathered (ORDER) or each group one range (ORDER=2; 3:
+    # with int8 ids checked four at a time).
+    order = {1: ["ORDER"], 2: ["ORDER=2"], 3: ["ORDER=3"]}.get(v.get("ORDER"), [])
     return " ".join([f"{k}={v[k]}" for k in keys] + flags + order + tail
                     + [f"w{v.get('num_warps', 4)}"])
 
@@ -576,9 +577,11 @@ loop at every G (until 2026-11-27; G <= 4 keep them, about 6 G + 17): 64.8 (G = 
 (G = 32); without them (G > 4) about 4 G + 20. The ordered walk (rows marked `ordered`,
 since 2026-11-27: the groups one by one through the class order, the logits gathered) costs
 the same per element for any G; the launcher takes it from 5 groups where its gathers move no
-more sectors than the CLASS walk (docs/design.md). Rows marked `ranges` (`ORDER=2`, since
+more sectors than the CLASS walk (docs/design.md). Rows marked `ranges` (`ORDER=3`, since
 2026-11-27): groups that are each one range of classes, read densely one group after the
-other at any G from 2 (the one-group walk plus each class's id check). Known miss (see `KNOWN_OVER_BUDGET`): the
+other at any G from 2 (the one-group walk plus an id check of the int8 ids four at a time;
+class by class, `ORDER=2`, where the ids are wider or unaligned: 28.1 per element on sm_90).
+Known miss (see `KNOWN_OVER_BUDGET`): the
 CLASS walk at G = 17..32 (about 4 G + 20 per chunk of 16 groups, each chunk reading the row),
 taken only for groups interleaved so finely that the ordered walk's gathers would cost more
 sectors. Known spills (see `KNOWN_SPILLS`), 8 bytes of stack each: sm_90 at exactly 16

@@ -522,6 +522,43 @@ def test_ranges_walk_through_the_api(ops, walks):
         assert set(walks) == {expected}
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2, 4], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ranges_walk_int8_ids_checked_four_at_a_time(ops, walks, offset, dtype):
+    """int8 ids as given (no copy at this size), at byte offsets 0-4 of their allocation: the
+    4-byte aligned ones are checked four at a time (ORDER 3; bf16 and fp32 logits), the others
+    class by class (ORDER 2); both against the float64 torch form, with ranges whose starts
+    and ends fall inside words (groups of about 1500 classes: each holds full blocks of the
+    fast loop, where the packed check runs)."""
+    vocab = 12007
+    inputs, cfg = make_op_inputs(_case("ltkd_G8_masked_rows"), 3, vocab, dtype)
+    base = torch.zeros(vocab + 8, dtype=torch.int8)
+    groups = base[offset:offset + vocab]
+    groups.copy_(torch.sort(inputs["groups"]).values.to(torch.int8))
+    inputs["groups"] = groups
+    assert class_order.remember(groups, cfg.num_groups).ranges
+    _check_against_torch(ops, inputs, cfg, dtype)
+    assert set(walks) == {3 if groups.data_ptr() % 4 == 0 else 2}
+
+
+@pytest.mark.parametrize("position", [0, 1, 2, 3, 1501, 3500, 2345, 7006])
+def test_ranges_walk_packed_check_finds_each_byte(ops, walks, position):
+    """A stale id at any byte of a word (written around the version counter), in the fast
+    loop's full blocks or in a masked sub-tile, makes the row NaN under the four-at-a-time
+    check too."""
+    student, teacher = torch.randn(2, 7007), torch.randn(2, 7007)
+    groups = (torch.arange(7007) * 3 // 7007).to(torch.int8)
+    cfg = GroupedKLConfig(num_groups=3, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
+    assert class_order.remember(groups, 3).ranges
+    args = (student, teacher, None, None, groups, None, None, None)
+    fresh, _ = ops.states(*args, cfg)
+    assert torch.isfinite(fresh).all()
+    groups.data[position] = (groups[position] + 1) % 3             # not seen by _version
+    stale, _ = ops.states(*args, cfg)
+    assert set(walks) == {3}
+    assert torch.isnan(stale).all()
+
+
 def test_group_logsumexp_takes_the_ordered_walk(ops, monkeypatch):
     taken = []
     choose = ops._class_order
@@ -585,12 +622,13 @@ def test_compact_ids_match_torch(ops, compact_ids_always, num_groups, ids, dtype
     _check_against_torch(ops, inputs, cfg, dtype)
 
 
-@pytest.mark.parametrize("layout, walk", [("ranges", 2), ("shuffled_ranges", 2),
+@pytest.mark.parametrize("layout, walk", [("ranges", 3), ("shuffled_ranges", 3),
                                           ("two_ranges_each", 1)])
 def test_compact_ids_through_the_ordered_walk(ops, compact_ids_always, layout, walk):
     """The class order is attached to the original ids; the walk reads the compact ones:
     groups that are one range each, in group order or not (read densely), and groups of two
-    ranges each (gathered through the order)."""
+    ranges each (gathered through the order). The ranges walk checks the int8 ids four at a
+    time (ORDER 3)."""
     cfg = GroupedKLConfig(num_groups=6, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
     groups = torch.arange(600) // 100                     # ranges: the order is taken
     if layout == "shuffled_ranges":
@@ -688,7 +726,7 @@ def test_fused_linear_loss_compacts_the_ids_once_and_keeps_the_order(ops, compac
         results[backend] = (loss.detach(), xs.grad)
     # once per pass over the chunks (here one: the forward computes the gradients too)
     assert copies == [torch.int64]
-    assert len(walks) >= 6 and all(walk == (2, torch.int8) for walk in walks)
+    assert len(walks) >= 6 and all(walk == (3, torch.int8) for walk in walks)
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-4, atol=1e-6)
 

@@ -32,7 +32,8 @@ How blocks and warps are chosen (the rule, no autotuning):
   wider load of the order would need a layout conversion of every gathered tile), 8 per lane
   per iteration; one program per (row, slice) for any G. Where each group is one range of
   classes (in any order) from 2 groups: the same walk reading each range densely
-  (``ORDER = 2``: the one-group walk's ``VEC`` and ``UNROLL``, bf16 pairs, no gather). ``walk_override`` (module setting, or the :func:`forced_walk` context) forces the
+  (``ORDER = 2``: the one-group walk's ``VEC`` and ``UNROLL``, bf16 pairs, no gather; ``3``
+  with the compact int8 ids, checked four at a time). ``walk_override`` (module setting, or the :func:`forced_walk` context) forces the
   walk.
 - bf16 rows with an even row stride are read as int32 pairs (``PAIRS_*``). Class weights:
   from ``COMPACT_MIN_ROWS`` rows and ``COMPACT_MIN_ELEMENTS`` elements the launchers pass
@@ -203,6 +204,11 @@ def _pairs(t) -> bool:
             and t.data_ptr() % 4 == 0)
 
 
+def _packed_ids(groups) -> bool:
+    """int8 group ids the ranges walk may check four at a time (int32 words: 4-byte aligned)."""
+    return groups is not None and groups.dtype == torch.int8 and groups.data_ptr() % 4 == 0
+
+
 def _itemsize(dtype: Optional[torch.dtype]) -> int:
     return 0 if dtype is None else dtype.itemsize
 
@@ -239,11 +245,13 @@ def _group_layout(cfg: GroupedKLConfig):
 def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, cw_dtype,
                 has_topk: bool, has_target: bool, has_mask: bool, topk_k: int = 0,
                 pairs_s: bool = False, pairs_t: bool = False, ordered: bool = False,
-                cw_log: bool = False, ranges: bool = False) -> Dict:
+                cw_log: bool = False, ranges: bool = False,
+                packed_ids: bool = False) -> Dict:
     """``(constexprs and warps of grouped_kl_states_kernel, chunks of groups)`` for these
     inputs (dtypes and flags only: shared with the compile test's listing). ``ordered``: the
     CLASS rule's groups walked one by one through the class order (when the walk is a CLASS
-    walk at all); ``ranges``: each group is one range of classes (read densely). ``cw_log``: the class weights are given as their logs."""
+    walk at all); ``ranges``: each group is one range of classes (read densely);
+    ``packed_ids``: int8 ids, 4-byte aligned (checked four at a time there). ``cw_log``: the class weights are given as their logs."""
     gc, live, block_g, chunks = _group_layout(cfg)
     has_s = student_dtype is not None
     dense_t = teacher_dtype is not None and not has_topk
@@ -264,7 +272,9 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                     VEC=vec, UNROLL=max(1, CLASSES_PER_LANE // vec),
                     BLOCK_K=_pow2(max(topk_k, 1)), BLOCK_G=_pow2(cfg.num_groups), BAD_OR=False,
                     PAIRS_S=pairs_s and (dense_s or ce_sep), PAIRS_T=pairs_t and dense_t,
-                    CW_LOG=_cw_log_mode(cw_log), ORDER=2, LANES=LANES,
+                    CW_LOG=_cw_log_mode(cw_log),
+                    ORDER=3 if packed_ids and groups_dtype == torch.int8 and vec % 4 == 0 else 2,
+                    LANES=LANES,
                     num_warps=NUM_WARPS), 1
     if class_walk and ordered:
         # One group at a time: one state per lane; the classes are gathered (one load per
@@ -437,7 +447,8 @@ def states(student, teacher, topk_indices, topk_logprobs, groups, target, class_
                                _dtype(class_weight), has_topk, target is not None,
                                mask is not None, k, _pairs(student), _pairs(teacher),
                                order is not None, cw_log=cw_log,
-                               ranges=order is not None and order.ranges)
+                               ranges=order is not None and order.ranges,
+                               packed_ids=_packed_ids(groups))
     if not meta["ORDER"]:
         order = None
     block = LANES * meta["VEC"] * meta["UNROLL"]

@@ -59,7 +59,8 @@ How the states kernel walks a V-slice (the per-element cost is what bounds it):
   ``ORDER == 2``, groups that are each one range of classes (in any order): the same walk
   without the gather, each group's range (``order[bounds[k]]`` onwards) read densely like a
   one-group row (wide aligned loads after one masked sub-tile at the range's start), its ids
-  still checked.
+  still checked; ``ORDER == 3`` the same with int8 ids (4-byte aligned) checked four at a
+  time, as int32 words equal to the group's id in every byte.
 - Excluded classes: TARGET's target (its group 1 is the rest) and BUCKET's valid top-k entries
   (its group 1 is the classes off the entries, summed directly). The full blocks holding one
   are left out of the fast loop and walked with masks; the fast loop has no per-element test.
@@ -250,7 +251,7 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     ids ``g``, log class weights ``lw``. Unused ones are placeholders the compiler drops.
     ``PAIRS_*``: bf16 rows read as int32 pairs (unmasked tiles only). ``ORDER``: the positions
     are positions of the class order (the classes sorted by group): the classes are
-    ``order[start + offs3]`` (gathered; ``ORDER == 2``: the group is one range, ``start``
+    ``order[start + offs3]`` (gathered; ``ORDER >= 2``: the group is one range, ``start``
     and ``hi`` are classes, read densely), and ``g`` is their group ids (``gbase`` past
     ``hi``).
 
@@ -285,7 +286,7 @@ def _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     ``[LANES, VEC]`` (``SHIFT`` is 0 for a masked unit)."""
     offs = start + offs3
     # The pointers' constant part (the class order's positions under ORDER == 1, else the
-    # classes; under ORDER == 2 the walk is over the group's range of classes).
+    # classes; under ORDER >= 2 the walk is over the group's range of classes).
     C: tl.constexpr = 0 if ORDER == 1 else SHIFT
     if MASKED:
         inside = offs < hi
@@ -314,7 +315,14 @@ def _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
             t = _lanes(tl.load(trow + offs + C).to(tl.float32))
     else:
         t = x
-    if ORDER or CLASS:
+    if ORDER == 3 and not MASKED:
+        # int8 ids checked four at a time: a word of the walked group's id in every byte (its
+        # id check then sees gbase, else gbase + 1: one entry per word, not per class).
+        W: tl.constexpr = offs3.shape[2] // 4
+        words3 = tl.arange(0, offs3.shape[1])[None, :, None] * W + tl.arange(0, W)[None, None, :]
+        w = tl.load(groups_ptr.to(tl.pointer_type(tl.int32)) + start // 4 + words3 + SHIFT // 4)
+        g = _lanes(tl.where(w == gbase * 16843009, gbase, gbase + 1))
+    elif ORDER or CLASS:
         if MASKED:
             # (past hi: group 0, or under ORDER the walked group, which its id check expects)
             past = gbase if ORDER else 0
@@ -505,6 +513,8 @@ def _dense_step(srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pai
                              CW_LOG, ORDER, E // offs3.shape[2], offs3.shape[1] * offs3.shape[2])
     if ORDER:
         bad = bad | tl.max((g != gbase).to(tl.int32), axis=1)
+        if ORDER == 3:
+            g = t  # (one entry per word: not a per-class tile; unused past the check)
     if SHARED:
         bit = tl.minimum((g - gbase).to(tl.uint32, bitcast=True), 31)
         bits = (tl.full(bit.shape, 1, tl.uint32) << bit).to(tl.int32, bitcast=True)
@@ -601,8 +611,9 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
     positions ``p0 .. pend`` of an ascending list), the full blocks holding one are left out of
     the fast loop and taken with masks. ``ORDER``: ``[lo, hi)`` are positions of the class order
     (one group's classes, see :func:`_load_tile`); for a group that is one range of classes
-    (``ORDER == 2``: ``[lo, hi)`` are its classes) the range starts anywhere, so the classes up to the next multiple of ``LANES * VEC`` are one
-    masked sub-tile first, and the fast loop's loads stay aligned. Returns the lane state (see
+    (``ORDER >= 2``: ``[lo, hi)`` are its classes) the range starts anywhere, so the classes
+    up to the next multiple of ``LANES * VEC`` are one masked sub-tile first, and the fast
+    loop's loads stay aligned. Returns the lane state (see
     :func:`_dense_step`)."""
     SUB: tl.constexpr = LANES * VEC
     BLOCK: tl.constexpr = SUB * UNROLL
@@ -637,7 +648,7 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
     seen = tl.zeros([LANES], tl.int32)
     twice = tl.zeros([LANES], tl.int32)
     no_ex = offs < 0
-    if ORDER == 2:
+    if ORDER >= 2:
         # (a multiple of SUB by construction: the compiler sees the alignment of the loads)
         up = ((lo + (SUB - 1)) // SUB) * SUB
         head_end = tl.minimum(up, hi)
@@ -964,7 +975,8 @@ def grouped_kl_states_kernel(
     PAIRS_T: tl.constexpr,      # teacher bf16 with even row stride: read as int32 pairs
     CW_LOG: tl.constexpr,       # class weights: 0 tl.log, 1 hardware log, 2 given as logs
     ORDER: tl.constexpr,        # CLASS rule: walk the groups one by one through the class
-                                #   order (1: gathered; 2: each group one range, read densely)
+                                #   order (1: gathered; 2: each group one range, read densely;
+                                #   3: the same, int8 ids checked four at a time)
     LANES: tl.constexpr,        # 32 * num_warps: one lane per thread
 ):
     """Op 1 on one (row, V-slice, chunk of groups): the slice's per-group state and extras.
@@ -1052,7 +1064,7 @@ def grouped_kl_states_kernel(
                 glo = tl.maximum(tl.load(bounds_ptr + k), lo)
                 ghi = tl.minimum(tl.load(bounds_ptr + k + 1), hi)
                 if glo < ghi:
-                    if ORDER == 2:
+                    if ORDER >= 2:
                         # The group is one range of classes: positions [glo, ghi) are the
                         # classes from order[glo] on (clamped to V: a groups tensor that is
                         # not ranges then fails the id check, never reads out of bounds).
