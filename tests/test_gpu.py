@@ -11,7 +11,7 @@ benchmarks.gpu_check OUT_DIR``, which runs them and the GPU benchmarks in one go
 What they check, for every loss (KD, LTKD, DKD, BKD):
 
 - agreement with the reference (``backend="torch"``) at V up to 256000, float32 and bfloat16,
-  and with a top-k teacher; LTKD with 8 to 300 groups in both walks of many groups;
+  and with a top-k teacher; LTKD with 3 to 300 groups in every walk (ranges, ordered, CLASS);
 - N x V > 2^31 elements (int64 offsets): the last rows' losses and gradients;
 - no host synchronisation in a forward + backward (``torch.cuda.set_sync_debug_mode("error")``),
   plain and with mask, sample weights and ``num_items_in_batch``;
@@ -103,18 +103,21 @@ def test_triton_cuda_matches_reference(loss, dtype, vocab):
     assert _rel(grad, expected_grad) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("layout", ["ranges", "drawn"])
-@pytest.mark.parametrize("num_groups", [8, 32, 300])
+@pytest.mark.parametrize("layout", ["ranges", "reversed_ranges", "drawn"])
+@pytest.mark.parametrize("num_groups", [3, 8, 32, 300])
 def test_many_groups_ordered_and_class_walks(num_groups, layout):
-    """LTKD with many groups at V = 128256 bf16: groups that are ranges of classes take the
-    ordered walk (the groups one by one through the class order), groups drawn at random the
-    CLASS walk (docs/design.md); both against the reference, and each forced the other way."""
+    """LTKD with 3 to 300 groups at V = 128256 bf16: groups that are each one range of classes
+    (in group order or reversed) take the dense ranges walk (int8 ids checked four at a time
+    up to 126 groups), groups drawn at random the CLASS walk (docs/design.md); all against the
+    reference, and each forced the other ways (the gathering ordered walk, the CLASS walk)."""
     from ltkd_kernels.triton import grouped_kl as ops
 
     rows, vocab = 64, 128256
     s, t = _logits(rows, vocab, torch.bfloat16)
-    if layout == "ranges":
+    if layout.endswith("ranges"):
         groups = torch.arange(vocab, device="cuda") * num_groups // vocab
+        if layout == "reversed_ranges":
+            groups = num_groups - 1 - groups
     else:
         groups = torch.randint(0, num_groups, (vocab,), device="cuda",
                                generator=torch.Generator(device="cuda").manual_seed(3))
