@@ -37,9 +37,20 @@ def check_option(name: str, value, allowed: Sequence[str]) -> None:
 _PLAIN_REALS = (float, int)
 
 
+def is_real(value) -> bool:
+    """A real number, not a bool."""
+    return type(value) in _PLAIN_REALS or (not isinstance(value, bool)
+                                           and isinstance(value, numbers.Real))
+
+
+def is_int(value) -> bool:
+    """An integer, not a bool."""
+    return type(value) is int or (not isinstance(value, bool)
+                                  and isinstance(value, numbers.Integral))
+
+
 def check_positive(name: str, value) -> float:
-    if type(value) not in _PLAIN_REALS and (isinstance(value, bool)
-                                            or not isinstance(value, numbers.Real)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -47,8 +58,7 @@ def check_positive(name: str, value) -> float:
 
 
 def check_real(name: str, value) -> float:
-    if type(value) not in _PLAIN_REALS and (isinstance(value, bool)
-                                            or not isinstance(value, numbers.Real)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if value != value or abs(value) == float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -103,7 +113,7 @@ def check_num_groups(num_groups) -> Optional[int]:
     """``None`` or an int in ``[1, MAX_GROUPS]`` (checked before anything is allocated)."""
     if num_groups is None:
         return None
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+    if not is_int(num_groups):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
     if not 1 <= num_groups <= MAX_GROUPS:
         raise ValueError(f"num_groups must be in [1, {MAX_GROUPS}], got {num_groups}")
@@ -233,7 +243,7 @@ def check_num_items(value, device):
             raise ValueError(f"num_items_in_batch must be on the logits' device {device}, "
                              f"got {value.device}")
         return 0.0, value.detach().reshape(())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"num_items_in_batch must be a number or a tensor, got {type(value).__name__}")
     if not value > 0 or value == float("inf"):
         raise ValueError(f"num_items_in_batch must be a finite number > 0, got {value}")
@@ -241,10 +251,16 @@ def check_num_items(value, device):
 
 
 def check_int(name: str, value) -> int:
-    if type(value) is not int and (isinstance(value, bool)
-                                   or not isinstance(value, numbers.Integral)):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return int(value)
+
+
+def check_chunk_size(chunk_size) -> Optional[int]:
+    """``None`` or an int >= 1 (the fused linear losses' rows per chunk)."""
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    return None if chunk_size is None else int(chunk_size)
 
 
 def check_bool(name: str, value) -> bool:

@@ -1,12 +1,11 @@
 """Class-count helpers: group assignment (head/medium/tail) and effective-number class weights."""
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
 import torch
 
-from ._validation import check_class_counts
+from ._validation import check_class_counts, is_int, is_real
 
 
 def groups_from_counts(class_counts, num_groups: int = 3, *, thresholds: Optional[Sequence[float]] = None):
@@ -33,7 +32,7 @@ def groups_from_counts(class_counts, num_groups: int = 3, *, thresholds: Optiona
         for t in cuts[1:]:
             group += (n < t).long()
         return group
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+    if not is_int(num_groups):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
     vocab = counts.shape[0]
     if not 1 <= num_groups <= vocab:
@@ -56,7 +55,7 @@ def class_balanced_weights(class_counts, beta: float = 0.9999):
     gives all ones. Every count must be >= 1.
     """
     counts = check_class_counts(class_counts)
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+    if not is_real(beta):
         raise TypeError(f"beta must be a number in [0, 1), got {type(beta).__name__}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must lie in [0, 1), got {beta}")

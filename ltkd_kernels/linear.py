@@ -119,7 +119,6 @@ a fake implementation and its autograd registered (the ``"none"`` backward is a 
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
@@ -127,7 +126,7 @@ from torch import Tensor
 
 from . import reference
 from ._arguments import parse_loss_arguments
-from ._validation import _dtype_name
+from ._validation import _dtype_name, check_chunk_size
 from .functional import _index, config_from_arguments
 from .ops import grouped_kl as _grouped_kl
 from .ops import grouped_kl_torch as _torch_ops
@@ -658,10 +657,7 @@ def _fused_linear_loss(loss_name, student_hidden, student_weight, teacher_hidden
         _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, leading, V, device)
         teacher_phantom = _phantom_logits(leading, V, _logit_dtype(teacher_hidden, teacher_weight),
                                           device)
-    if chunk_size is not None and (isinstance(chunk_size, bool)
-                                   or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     student_phantom = _phantom_logits(leading, V, _logit_dtype(student_hidden, student_weight),
                                       device)
     args = parse_loss_arguments(loss_name, student_phantom, teacher_phantom, **options)

@@ -8,13 +8,12 @@ are buffers. The heads' weights are passed to ``forward`` (they belong to the mo
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 
 from . import linear as L
-from ._validation import check_real
+from ._validation import check_chunk_size, check_real
 from .modules import _DistillationLoss
 
 _FORWARD = """
@@ -32,20 +31,12 @@ _FORWARD = """
     """
 
 
-def _check_chunk(chunk_size) -> Optional[int]:
-    if chunk_size is not None and (isinstance(chunk_size, bool)
-                                   or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    return None if chunk_size is None else int(chunk_size)
-
-
 class _FusedLinearLoss(_DistillationLoss):
     def _set_fused(self, temperature, ignore_index, ce_weight, reduction, process_group,
                    global_batchmean, chunk_size, backend):
         self._set_common(temperature, ignore_index, ce_weight, reduction, process_group,
                          global_batchmean, None, backend)
-        self.chunk_size = _check_chunk(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def _options(self):
         options = super()._options()
