@@ -251,7 +251,8 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
     inputs (dtypes and flags only: shared with the compile test's listing). ``ordered``: the
     CLASS rule's groups walked one by one through the class order (when the walk is a CLASS
     walk at all); ``ranges``: each group is one range of classes (read densely);
-    ``packed_ids``: int8 ids, 4-byte aligned (checked four at a time there). ``cw_log``: the class weights are given as their logs."""
+    ``packed_ids``: int8 ids, 4-byte aligned (checked four at a time there). ``cw_log``: the
+    class weights are given as their logs."""
     gc, live, block_g, chunks = _group_layout(cfg)
     has_s = student_dtype is not None
     dense_t = teacher_dtype is not None and not has_topk
@@ -259,54 +260,41 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
     with_ce = cfg.with_ce and has_target and has_s
     dense_s = has_s and topk != TOPK_RESTRICT
     class_walk = cfg.group_rule == GROUP_CLASS and topk != TOPK_BUCKET and (dense_s or dense_t)
-    if class_walk and ordered and ranges:
-        # One group at a time, each group's range read as a one-group row is (wide loads).
-        ce_sep = with_ce and (cfg.temperature != 1.0 or not dense_s)
-        read = [student_dtype if (dense_s or ce_sep) else None,
-                teacher_dtype if dense_t else None, groups_dtype,
-                cw_dtype if dense_t else None]
-        vec = _vec(*read)
-        return dict(GROUP_RULE=cfg.group_rule, TOPK=topk, HAS_S=has_s, DENSE_T=dense_t,
-                    HAS_TARGET=has_target, WITH_CE=with_ce, CE_SEP=ce_sep,
-                    HAS_CW=cw_dtype is not None, HAS_MASK=has_mask, GC=1, G_LIVE=1,
-                    VEC=vec, UNROLL=max(1, CLASSES_PER_LANE // vec),
-                    BLOCK_K=_pow2(max(topk_k, 1)), BLOCK_G=_pow2(cfg.num_groups), BAD_OR=False,
-                    PAIRS_S=pairs_s and (dense_s or ce_sep), PAIRS_T=pairs_t and dense_t,
-                    CW_LOG=_cw_log_mode(cw_log),
-                    ORDER=3 if packed_ids and groups_dtype == torch.int8 and vec % 4 == 0 else 2,
-                    LANES=LANES,
-                    num_warps=NUM_WARPS), 1
-    if class_walk and ordered:
-        # One group at a time: one state per lane; the classes are gathered (one load per
-        # class and tensor, one position of the order per lane per load).
-        ce_sep = with_ce and (cfg.temperature != 1.0 or not dense_s)
-        return dict(GROUP_RULE=cfg.group_rule, TOPK=topk, HAS_S=has_s, DENSE_T=dense_t,
-                    HAS_TARGET=has_target, WITH_CE=with_ce, CE_SEP=ce_sep,
-                    HAS_CW=cw_dtype is not None, HAS_MASK=has_mask, GC=1, G_LIVE=1,
-                    VEC=ORDER_VEC, UNROLL=max(1, CLASSES_PER_LANE // ORDER_VEC),
-                    BLOCK_K=_pow2(max(topk_k, 1)),
-                    BLOCK_G=_pow2(cfg.num_groups), BAD_OR=False,
-                    PAIRS_S=False, PAIRS_T=False, CW_LOG=_cw_log_mode(cw_log), ORDER=1,
-                    LANES=LANES, num_warps=NUM_WARPS), 1
+    by_group = class_walk and ordered
     # The CE sums come from the groups' own when the student's groups cover every class at
-    # T = 1 exactly; else each element adds its own exp (BUCKET's rest leaves the entries out).
-    ce_sep = with_ce and (cfg.temperature != 1.0 or not dense_s or chunks > 1
-                          or topk == TOPK_BUCKET)
-    read = [student_dtype if (dense_s or ce_sep) else None, teacher_dtype if dense_t else None,
-            groups_dtype if class_walk else None, cw_dtype if dense_t else None]
-    vec = _vec(*read)
-    # A lane takes 16 classes per iteration in a CLASS walk (its per-iteration rescale of
-    # 3 G sums is then spread over twice as many), 8 otherwise.
-    per_lane = CLASS_WALK_CLASSES_PER_LANE if class_walk else CLASSES_PER_LANE
-    unroll = max(1, per_lane // vec)
-    bad_or = class_walk and chunks == 1 and live == gc == cfg.num_groups
+    # T = 1 exactly; else each element adds its own exp (BUCKET's rest leaves the entries out;
+    # a walk group by group sums the groups' own whatever the chunks).
+    ce_sep = with_ce and (cfg.temperature != 1.0 or not dense_s
+                          or (not by_group and (chunks > 1 or topk == TOPK_BUCKET)))
+    vec = _vec(student_dtype if (dense_s or ce_sep) else None,
+               teacher_dtype if dense_t else None, groups_dtype if class_walk else None,
+               cw_dtype if dense_t else None)
+    if by_group:
+        # One group at a time: one state per lane, at the group's own maxima; each group's
+        # range read as a one-group row is (ranges: wide loads, bf16 pairs), or its classes
+        # gathered (one load per class and tensor, one position of the order per lane per
+        # load).
+        gc, live, block_g, chunks, bad_or = 1, 1, _pow2(cfg.num_groups), 1, False
+        if ranges:
+            order = 3 if packed_ids and groups_dtype == torch.int8 and vec % 4 == 0 else 2
+        else:
+            vec, order, pairs_s, pairs_t = ORDER_VEC, 1, False, False
+        unroll = max(1, CLASSES_PER_LANE // vec)
+    else:
+        # A lane takes 16 classes per iteration in a CLASS walk (its per-iteration rescale of
+        # 3 G sums is then spread over twice as many), 8 otherwise.
+        per_lane = CLASS_WALK_CLASSES_PER_LANE if class_walk else CLASSES_PER_LANE
+        unroll = max(1, per_lane // vec)
+        bad_or = class_walk and chunks == 1 and live == gc == cfg.num_groups
+        order = 0
     return dict(GROUP_RULE=cfg.group_rule, TOPK=topk, HAS_S=has_s, DENSE_T=dense_t,
                 HAS_TARGET=has_target, WITH_CE=with_ce, CE_SEP=ce_sep,
                 HAS_CW=cw_dtype is not None, HAS_MASK=has_mask, GC=gc, G_LIVE=live,
                 VEC=vec, UNROLL=unroll,
                 BLOCK_K=_pow2(max(topk_k, 1)), BLOCK_G=block_g, BAD_OR=bad_or,
                 PAIRS_S=pairs_s and (dense_s or ce_sep), PAIRS_T=pairs_t and dense_t,
-                CW_LOG=_cw_log_mode(cw_log), ORDER=0, LANES=LANES, num_warps=NUM_WARPS), chunks
+                CW_LOG=_cw_log_mode(cw_log), ORDER=order, LANES=LANES,
+                num_warps=NUM_WARPS), chunks
 
 
 def _class_order(cfg: GroupedKLConfig, groups, student, teacher, has_topk: bool):
