@@ -39,6 +39,7 @@ benchmarks/results/compile_table_triton3.6.md``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -58,9 +59,11 @@ BUDGET_ARCH = 90
 KNOWN_OVER_BUDGET: Dict[tuple, str] = {
     (17, 32): "the CLASS walk: about 4 G + 20 per chunk of 16 groups, each chunk reading the "
               "row: 2 x (4 x 16 + 23) at G = 32 (a compare and three predicated sums per group "
-              "and element). The launcher takes it only where the ordered walk (flat in G, "
-              "within budget: the 'ordered' rows) would gather more sectors than the CLASS "
-              "walk's two reads of the row: groups interleaved class by class",
+              "and element). For groups that are ranges (the 'ranges' rows), or that gather "
+              "cheaply (the 'ordered' rows), or are interleaved finer (the window walk, the "
+              "'ORDER=4' rows: 48.0 at G = 32) the launcher takes a walk flat in G; the CLASS "
+              "walk is left for finely interleaved groups with class weights or a top-k "
+              "teacher, and for calls without a plan (torch.compile's graphs)",
 }
 
 
@@ -71,6 +74,18 @@ def _triton_bin(name: str) -> Optional[str]:
         return None
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     return str(path) if path.exists() else shutil.which(name)
+
+
+@functools.lru_cache(maxsize=None)
+def drawn_window_fill(groups: int, vocab: int = 32768) -> float:
+    """The share of the window walk's slots that hold a class, for ``groups`` drawn at random
+    over ``vocab`` classes (seed 0): its instructions per class are those per slot over it."""
+    import torch
+
+    from ltkd_kernels.ops import class_order
+
+    drawn = torch.randint(groups, (vocab,), generator=torch.Generator().manual_seed(0))
+    return class_order.build(drawn, groups).windows.fill
 
 
 def states_budget(groups: int) -> Optional[float]:
@@ -135,9 +150,10 @@ def _situations():
     def case(cfg, dtype=torch.bfloat16, teacher_dtype=None, topk=0, groups_dtype=torch.int32,
              target=False, mask=None, cw=False, sw=False, glm=False, student=True, n=rows,
              teacher=True, reductions=(REDUCE_MEAN,), partial=False, bp=False, num_items=False,
-             grad=True, ordered=False, ranges=False):
+             grad=True, ordered=False, ranges=False, windows=False):
         def run():
-            with ops.forced_walk("ranges" if ranges else "ordered" if ordered else "class"):
+            with ops.forced_walk("windows" if windows else "ranges" if ranges
+                                 else "ordered" if ordered else "class"):
                 walk()
 
         def walk():
@@ -211,6 +227,15 @@ def _situations():
               torch.float32, target=True, ranges=True)),
         ("ltkd bf16 G=32, ranges", 32, case(ltkd._replace(num_groups=32),
                                             ranges=True)),
+        ("ltkd bf16 G=32, windows", 32, case(ltkd._replace(num_groups=32), windows=True)),
+        ("ltkd bf16 G=8, windows, int8 ids, bool mask, sample weights", 8,
+         case(ltkd._replace(num_groups=8), groups_dtype=torch.int8, mask=torch.bool, sw=True,
+              windows=True)),
+        ("ltkd fp32 G=32, windows, within_teacher + CE (T=4)", 32,
+         case(ltkd._replace(num_groups=32, rebalance=False, within_teacher=True, ce_weight=0.5),
+              torch.float32, target=True, windows=True)),
+        ("ltkd bf16 G=100, windows", 100, case(ltkd._replace(num_groups=100), windows=True,
+                                               reductions=())),
         ("ltkd bf16 G=3, 8 rows (V-split)", 3, case(ltkd, n=8)),
         ("ltkd bf16 G=3, teacher only", 3, case(ltkd, student=False, grad=False)),
         ("kd bf16 student only (group logsumexp)", 1, case(kd, teacher=False, grad=False)),
@@ -267,7 +292,7 @@ CORE_SITUATIONS = frozenset({
     "kd bf16", "kd fp32", "kd bf16 T=1 + CE, bool mask",
     "bkd bf16 CE, class weights, int mask, sample weights", "dkd bf16", "ltkd bf16 G=3",
     "ltkd bf16 G=8", "ltkd bf16 G=32, ordered", "ltkd bf16 G=3, 8 rows (V-split)",
-    "ltkd bf16 G=3, ranges",
+    "ltkd bf16 G=3, ranges", "ltkd bf16 G=32, windows",
     "topk bucket kd",
     "topk renormalize ltkd G=3, group_logmass", "srw bf16 D=256", "srw fp16 D=768 mask"})
 CORE_ARCHS = (80, 90)
@@ -461,6 +486,9 @@ def build_table(archs=ARCHS, workers: Optional[int] = None, core: bool = False) 
             values = dict(zip(fn.arg_names, args))
             values.update(kwargs)
             per_thread = values.get("VEC", 1) * values.get("UNROLL", 1)
+            if kernel_name == "grouped_kl_states_kernel" and values.get("ORDER") == 4:
+                # The window walk's slots per class: those of groups drawn at random.
+                per_thread *= drawn_window_fill(groups)
             chunks = values.get("num_chunks", 1) if kernel_name == "grouped_kl_states_kernel" else 1
             rows.append(dict(situation=label, groups=groups, kernel=kernel_name, arch=arch,
                              job=index[key], per_thread=per_thread, chunks=chunks,
@@ -495,7 +523,7 @@ def _config_text(kernel, v) -> str:
     tail = [f"CW_LOG={v['CW_LOG']}"] if v.get("HAS_CW") and "CW_LOG" in v else []
     # The walk through the class order: gathered (ORDER) or each group one range (ORDER=2; 3:
     # with int8 ids checked four at a time).
-    order = {1: ["ORDER"], 2: ["ORDER=2"], 3: ["ORDER=3"]}.get(v.get("ORDER"), [])
+    order = {1: ["ORDER"], 2: ["ORDER=2"], 3: ["ORDER=3"], 4: ["ORDER=4"]}.get(v.get("ORDER"), [])
     return " ".join([f"{k}={v[k]}" for k in keys] + flags + order + tail
                     + [f"w{v.get('num_warps', 4)}"])
 
@@ -581,13 +609,17 @@ more sectors than the CLASS walk (docs/design.md). Rows marked `ranges` (`ORDER=
 2026-11-27): groups that are each one range of classes, read densely one group after the
 other at any G from 2 (the one-group walk plus an id check of the int8 ids four at a time;
 class by class, `ORDER=2`, where the ids are wider or unaligned: 28.1 per element on sm_90).
-Known miss (see `KNOWN_OVER_BUDGET`): the
-CLASS walk at G = 17..32 (about 4 G + 20 per chunk of 16 groups, each chunk reading the row),
-taken only for groups interleaved so finely that the ordered walk's gathers would cost more
-sectors. Known spills (see `KNOWN_SPILLS`), 8 bytes of stack each: sm_90 at exactly 16
-groups (and sm_80 there with the compact ids); sm_80 at 4 groups and sm_100 at 2 groups (one
-reload per iteration of the main loop, since each unit is its own load). The sm_80 spill of
-16-group chunks before 2026-11-27 is gone.
+Rows marked `ORDER=4` (the window walk, since 2026-11-28): groups interleaved finely, every
+lane one group, its classes handed to it per window of 1024 through shared memory; its
+instructions per class are those per slot over the share of slots that hold a class, the
+share of groups drawn at random over the situation's 32768 classes (0.80 at G = 32; 0.54
+at G = 100). Known miss (see `KNOWN_OVER_BUDGET`): the CLASS walk at G = 17..32 (about
+4 G + 20 per chunk of 16 groups, each chunk reading the row), now taken for finely
+interleaved groups only where the window walk does not apply (class weights, a top-k
+teacher, no plan: graphs traced by `torch.compile`). Known spills (see `KNOWN_SPILLS`), 8
+bytes of stack each: sm_90 at exactly 16 groups (and sm_80 there with the compact ids);
+sm_80 at 4 groups and sm_100 at 2 groups (one reload per iteration of the main loop, since
+each unit is its own load). The sm_80 spill of 16-group chunks before 2026-11-27 is gone.
 
 The situations take 1024 rows of 32768 classes unless their label says otherwise: from 8 rows
 and 2^20 elements the launchers read the group ids as an int8 copy (`VEC=8` for bf16 logits)

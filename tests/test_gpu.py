@@ -108,8 +108,10 @@ def test_triton_cuda_matches_reference(loss, dtype, vocab):
 def test_many_groups_ordered_and_class_walks(num_groups, layout):
     """LTKD with 3 to 300 groups at V = 128256 bf16: groups that are each one range of classes
     (in group order or reversed) take the dense ranges walk (int8 ids checked four at a time
-    up to 126 groups), groups drawn at random the CLASS walk (docs/design.md); all against the
-    reference, and each forced the other ways (the gathering ordered walk, the CLASS walk)."""
+    up to 126 groups), groups drawn at random the window walk from 5 groups (the CLASS walk
+    below, and at 300 groups: more than a program's 128 lanes; docs/design.md); all against
+    the reference, and each forced the other ways (the gathering ordered walk, the window
+    walk, the CLASS walk)."""
     from ltkd_kernels.triton import grouped_kl as ops
 
     rows, vocab = 64, 128256
@@ -126,7 +128,7 @@ def test_many_groups_ordered_and_class_walks(num_groups, layout):
         return lk.ltkd_loss(x, teacher, groups, num_groups, temperature=2.0, backend=backend)
 
     expected_value, expected_grad = _reference_step(fn, s, t)
-    for walk in (None, "ordered", "class"):
+    for walk in (None, "ordered", "windows", "class"):
         with ops.forced_walk(walk):
             value, grad = _step(fn, s, t, "triton")
         assert _rel(value, expected_value) <= 1e-5, walk

@@ -290,7 +290,7 @@ def test_benchmarks_without_out_leave_git_status_clean():
 
 
 def test_groups_case_runs_under_the_interpreter(tmp_path):
-    """The CUDA-only ``groups`` benchmark (both walks of many groups), run as a smoke test:
+    """The CUDA-only ``groups`` benchmark (the walks of many groups), run as a smoke test:
     tiny sizes under the Triton interpreter, every row timed, the rule's walk marked."""
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--case", "groups", "--device", "cpu", "--N", "2",
@@ -300,9 +300,11 @@ def test_groups_case_runs_under_the_interpreter(tmp_path):
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = json.loads((tmp_path / "groups" / "results.json").read_text())["results"]
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
     assert sum("(the rule's)" in r["note"] for r in rows) == 2
-    assert any(r["note"].startswith("ranges") and "ordered walk (the rule's)" in r["note"]
+    assert any(r["note"].startswith("ranges") and "ranges walk (the rule's)" in r["note"]
+               for r in rows)
+    assert any(r["note"].startswith("drawn") and "windows walk (the rule's)" in r["note"]
                for r in rows)
 
 

@@ -358,31 +358,6 @@ def test_class_order_and_its_sectors():
     assert abs(class_order.build(drawn, 32).sectors[2] - expected) < 0.05 * expected
 
 
-@pytest.mark.parametrize("layout, dtype, ordered", [
-    ("ranges", torch.bfloat16, True), ("ranges", torch.float32, True),
-    ("drawn", torch.bfloat16, False), ("two_per_sector", torch.float32, False),
-    ("ranges_G4", torch.bfloat16, True), ("drawn_G4", torch.bfloat16, False)])
-def test_the_rule_takes_the_ordered_walk_where_it_gathers_cheaply(ops, layout, dtype, ordered):
-    """From 5 groups, when the gathers touch at most 1.25 sectors per sector of a row (or no
-    more than the CLASS walk's reads of it); ranges in group order at any G (read densely);
-    the loss through the API remembers the order."""
-    vocab = 2048
-    num_groups = 4 if layout.endswith("G4") else 8
-    if layout.startswith("ranges"):
-        groups = torch.arange(vocab) * num_groups // vocab
-    elif layout.startswith("drawn"):
-        groups = torch.randint(num_groups, (vocab,))
-    else:
-        groups = (torch.arange(vocab) // 4) % num_groups          # 4 fp32 classes: 2 a sector
-    student, teacher = torch.randn(2, vocab).to(dtype), torch.randn(2, vocab).to(dtype)
-    loss = lk.ltkd_loss(student, teacher, groups, num_groups=num_groups, backend="triton")
-    expected = lk.ltkd_loss(student.double(), teacher.double(), groups, num_groups=num_groups,
-                            backend="torch")
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    cfg = GroupedKLConfig(num_groups=num_groups, group_rule=GROUP_CLASS)
-    assert (ops._class_order(cfg, groups, student, teacher, False) is not None) == ordered
-
-
 # Groups that are each one range of classes (here mostly in group order): each group's range
 # read densely, one group after the other (ORDER == 2).
 
@@ -568,7 +543,236 @@ def test_group_logsumexp_takes_the_ordered_walk(ops, monkeypatch):
     lse = lk.group_logsumexp(logits, groups, 6, temperature=2.0, backend="triton")
     expected = lk.group_logsumexp(logits.double(), groups, 6, temperature=2.0, backend="torch")
     torch.testing.assert_close(lse.double(), expected, rtol=1e-6, atol=1e-6)
-    assert len(taken) == 1 and taken[0] is not None
+    assert len(taken) == 1 and taken[0][1] == "ranges"
+
+
+# ---------------------------------------------------------------------------------------------
+# The window walk (ORDER == 4): every lane one group, the classes handed to it per window
+# through shared memory (ltkd_kernels/ops/class_order.py, WindowPlan).
+
+WINDOW_CASES = ["ltkd", "ltkd_G8_masked_rows", "ltkd_G100_empty", "ltkd_neg_inf",
+                "ltkd_teacher_within"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4099)], ids=str)
+@pytest.mark.parametrize("name", WINDOW_CASES)
+def test_window_walk_matches_torch(ops, walks, name, shape):
+    """Every dense CLASS-rule configuration walked in windows (forced: the rule takes it from
+    5 groups for interleaved groups) against the float64 torch form: one window and several,
+    the last one past the row's end, one class, -inf logits, empty groups."""
+    inputs, cfg = make_op_inputs(_case(name), *shape, torch.float32)
+    if inputs is None:
+        pytest.skip("V too small for the case")
+    with ops.forced_walk("windows"), launches.counting() as count:
+        _check_against_torch(ops, inputs, cfg)
+    assert set(walks) == {4}
+    assert count["triton:grouped_kl_states_kernel"] == 1
+
+
+@pytest.mark.parametrize("ids", [torch.int8, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_walk_half_logits(ops, walks, dtype, ids):
+    inputs, cfg = make_op_inputs(_case("ltkd_G8_masked_rows"), 3, 2053, dtype)
+    inputs["groups"] = inputs["groups"].to(ids)
+    with ops.forced_walk("windows"):
+        _check_against_torch(ops, inputs, cfg, dtype)
+    assert set(walks) == {4}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_window_walk_with_cross_entropy(ops, walks, temperature):
+    """The cross-entropy extras: at T = 1 from the groups' own sums, else every lane's own,
+    merged over the lanes; targets in any group, an ignored row."""
+    inputs, cfg = make_op_inputs(_ce_case(temperature), 4, 3001, torch.float32)
+    with ops.forced_walk("windows"):
+        _check_against_torch(ops, inputs, cfg)
+    assert set(walks) == {4}
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("name", ["ltkd_G8_masked_rows", "ce"])
+def test_window_walk_split_over_steps(ops, walks, name, splits):
+    """Slices are ranges of the plan's steps (the first owns the target's logit; more slices
+    than steps leave some empty); the merged state equals the unsplit one."""
+    case = _ce_case() if name == "ce" else _case(name)
+    inputs, cfg = make_op_inputs(case, 3, 4321, torch.float32)
+    with ops.forced_walk("windows"):
+        with ops.forced_splits(splits), launches.counting() as count:
+            state, extras = _check_against_torch(ops, inputs, cfg)
+        _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
+    assert set(walks) == {4}
+    assert count["triton:grouped_kl_merge_kernel"] > 0
+
+
+def test_window_walk_bf16_tail_group_one_class_and_empty_groups(ops, walks):
+    """Each lane walks one group at the lane's own maxima and the lanes merge exactly: a
+    group 400 nats below the others (interleaved with them), a one-class group (sums exactly
+    1, gap 0), empty groups."""
+    groups = torch.arange(3001) % 5                            # groups 5 and 7 empty
+    groups[1777] = 6                                           # group 6: one class
+    inputs, cfg = _tail_group_inputs(groups)
+    with ops.forced_walk("windows"):
+        state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
+    assert set(walks) == {4}
+    _assert_tail_group_state(state)
+
+
+@pytest.mark.parametrize("bad_id", [8, -1, 2 ** 31 - 1])
+def test_window_walk_bad_group_id_gives_nan_rows(ops, walks, bad_id):
+    student, teacher = torch.randn(3, 2000), torch.randn(3, 2000)
+    groups = torch.randint(8, (2000,))
+    groups[1717] = bad_id
+    cfg = GroupedKLConfig(num_groups=8, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS,
+                          reduction=REDUCE_NONE)
+    with ops.forced_walk("windows"):
+        loss, state, _, _ = ops.loss_forward(student, teacher, None, None, groups, None, None,
+                                             None, None, None, None, cfg)
+    assert set(walks) == {4}
+    assert torch.isnan(state).all() and torch.isnan(loss).all()
+
+
+@pytest.mark.parametrize("position", [0, 5, 1023, 1024, 2999])
+def test_stale_window_plan_gives_nan_rows_not_a_wrong_loss(ops, walks, position):
+    """A write around the version counter leaves the plan stale: every class a lane is handed
+    is checked against the lane's group, in full windows and in the last, masked one."""
+    student, teacher = torch.randn(2, 3000), torch.randn(2, 3000)
+    groups = torch.randint(8, (3000,), generator=torch.Generator().manual_seed(1))
+    cfg = GroupedKLConfig(num_groups=8, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS)
+    assert class_order.remember(groups, 8).windows is not None
+    args = (student, teacher, None, None, groups, None, None, None)
+    fresh, _ = ops.states(*args, cfg)
+    assert torch.isfinite(fresh).all() and set(walks) == {4}
+    groups.data[position] = (groups[position] + 1) % 8          # not seen by _version
+    stale, _ = ops.states(*args, cfg)
+    assert torch.isnan(stale).all()
+
+
+def _check_plan(groups, num_groups, plan):
+    """Every class handed out once, to a lane of its group; windows aligned, ascending, the
+    ones inside the row first; lanes in proportion to the groups' sizes."""
+    lanes, slots = class_order.WINDOW_LANES, class_order.WINDOW_SLOTS
+    vocab = groups.shape[0]
+    meta = plan.meta.long()
+    steps, inside = int(meta[0]), int(meta[1])
+    lane_group = meta[2:2 + lanes]
+    group_last = meta[2 + lanes:2 + lanes + num_groups]
+    starts = meta[2 + lanes + num_groups:]
+    assert (lane_group[1:] >= lane_group[:-1]).all()            # a group's lanes consecutive
+    for k in range(num_groups):
+        mine = torch.nonzero(lane_group == k).flatten()
+        assert int(group_last[k]) == (int(mine[-1]) if mine.numel() else -1)
+    assert steps == plan.steps == starts.shape[0] == plan.slots.shape[0]
+    assert plan.slots.dtype == torch.int16 and plan.slots.shape[1] == lanes * slots
+    assert (starts % class_order.WINDOW_ALIGN == 0).all() and (starts[1:] >= starts[:-1]).all()
+    assert (starts[:inside] + lanes * slots <= vocab).all()
+    assert (starts[inside:] + lanes * slots > vocab).all()
+    held = plan.slots >= 0
+    classes = (starts[:, None] + plan.slots.long())[held]
+    assert torch.equal(torch.sort(classes).values, torch.arange(vocab))
+    lane_of_slot = (torch.arange(lanes * slots) // slots).expand(steps, -1)[held]
+    assert torch.equal(groups.long()[classes], lane_group[lane_of_slot])
+    sizes = torch.bincount(groups.long(), minlength=num_groups)
+    given = torch.bincount(lane_group, minlength=num_groups)
+    assert torch.equal(given > 0, sizes > 0)
+    assert (given - sizes * (lanes - int((sizes > 0).sum())) / vocab).abs().max() <= 2
+    assert plan.fill == pytest.approx(vocab / (steps * lanes * slots))
+
+
+@pytest.mark.parametrize("layout", ["c_mod_G", "drawn", "skewed", "few_classes"])
+@pytest.mark.parametrize("num_groups", [5, 32, 128])
+def test_window_plan(layout, num_groups):
+    vocab = 5003
+    generator = torch.Generator().manual_seed(num_groups)
+    if layout == "c_mod_G":
+        groups = torch.arange(vocab) % num_groups
+    elif layout == "drawn":
+        groups = torch.randint(num_groups, (vocab,), generator=generator)
+    elif layout == "skewed":
+        weights = torch.tensor([0.7 ** k for k in range(num_groups)])
+        groups = torch.multinomial(weights, vocab, replacement=True, generator=generator)
+    else:
+        vocab = 7
+        groups = torch.tensor([3, 0, 3, 1, 4, 3, 0]) % num_groups
+    plan = class_order.build(groups, num_groups).windows
+    assert plan is not None
+    _check_plan(groups, num_groups, plan)
+    if layout == "c_mod_G" and num_groups == 32:
+        assert plan.fill > 0.95                  # class by class: nearly every slot holds one
+
+
+def test_window_plan_fill_of_drawn_groups():
+    """Groups drawn at random fill about 80% of the slots at a language model's vocabulary
+    (the share the compile test's instruction counts are divided by)."""
+    drawn = torch.randint(32, (65536,), generator=torch.Generator().manual_seed(0))
+    assert 0.75 < class_order.build(drawn, 32).windows.fill < 0.9
+
+
+def test_window_plan_only_where_it_applies():
+    interleaved = torch.arange(5000) % 8
+    assert class_order.build(interleaved, 8).windows is not None
+    assert class_order.build(interleaved % 4, 4).windows is None      # below 5 groups
+    assert class_order.build(torch.arange(5000) * 8 // 5000, 8).windows is None   # ranges
+    assert class_order.build(torch.arange(5000) % 200, 200).windows is None  # > 128 held
+    held = torch.arange(5000) % 128 * 2                                # 128 held of 256
+    _check_plan(held, 256, class_order.build(held, 256).windows)
+
+
+@pytest.mark.parametrize("layout, dtype, walk", [
+    ("ranges", torch.bfloat16, "ranges"), ("ranges", torch.float32, "ranges"),
+    ("drawn", torch.bfloat16, "windows"), ("two_per_sector", torch.float32, "windows"),
+    ("one_per_sector", torch.bfloat16, "ordered"),
+    ("ranges_G4", torch.bfloat16, "ranges"), ("drawn_G4", torch.bfloat16, None)])
+def test_the_rule_picks_the_walk_by_the_layout_of_the_groups(ops, walks, layout, dtype, walk):
+    """Ranges at any G from 2 (read densely); from 5 groups the ordered walk where its gathers
+    touch at most 1.25 sectors per sector of a row, else the window walk; the CLASS walk below
+    5 groups. The loss through the API remembers the order and its plan."""
+    vocab = 2048
+    num_groups = 4 if layout.endswith("G4") else 8
+    if layout.startswith("ranges"):
+        groups = torch.arange(vocab) * num_groups // vocab
+    elif layout.startswith("drawn"):
+        groups = torch.randint(num_groups, (vocab,))
+    elif layout == "two_per_sector":
+        groups = (torch.arange(vocab) // 4) % num_groups          # 4 fp32 classes: 2 a sector
+    else:
+        groups = (torch.arange(vocab) // 16) % num_groups         # 16 bf16 classes: a sector
+    student, teacher = torch.randn(2, vocab).to(dtype), torch.randn(2, vocab).to(dtype)
+    loss = lk.ltkd_loss(student, teacher, groups, num_groups=num_groups, backend="triton")
+    expected = lk.ltkd_loss(student.double(), teacher.double(), groups, num_groups=num_groups,
+                            backend="torch")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    cfg = GroupedKLConfig(num_groups=num_groups, group_rule=GROUP_CLASS)
+    assert ops._class_order(cfg, groups, student, teacher, None, False)[1] == walk
+    assert set(walks) == {dict(ranges=2, ordered=1, windows=4).get(walk, 0)
+                          if not (walk == "ranges" and dtype == torch.bfloat16) else 2}
+    # The window walk serves dense teachers without class weights; else the CLASS walk.
+    if walk == "windows":
+        weights = torch.rand(vocab) + 0.5
+        assert ops._class_order(cfg, groups, student, teacher, weights, False)[1] != "windows"
+        assert ops._class_order(cfg, groups, student, None, None, True)[1] != "windows"
+
+
+def test_window_walk_through_the_api_loss_and_gradient(ops, walks):
+    """ltkd_loss with 20 groups drawn at random (the plan remembered with the order): loss and
+    gradient as the reference's, rows split and not."""
+    vocab, num_groups = 3001, 20
+    groups = torch.randint(num_groups, (vocab,), generator=torch.Generator().manual_seed(5))
+    s, t = torch.randn(5, vocab) * 2, torch.randn(5, vocab) * 2
+    for splits in (None, 2):
+        walks.clear()
+        student = s.clone().requires_grad_(True)
+        with ops.forced_splits(splits):
+            loss = lk.ltkd_loss(student, t, groups, num_groups=num_groups, temperature=2.0,
+                                backend="triton")
+        loss.backward()
+        ref_student = s.double().requires_grad_(True)
+        ref = lk.ltkd_loss(ref_student, t.double(), groups, num_groups=num_groups,
+                           temperature=2.0, backend="torch")
+        ref.backward()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-5,
+                                   atol=1e-7)
+        assert set(walks) == {4}
 
 
 # ---------------------------------------------------------------------------------------------

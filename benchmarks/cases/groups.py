@@ -1,15 +1,17 @@
-"""Case ``groups`` (CUDA): LTKD with many groups through both walks of the Triton states kernel.
+"""Case ``groups`` (CUDA): LTKD with many groups through the walks of the Triton states kernel.
 
-With 5 groups or more the launcher walks the groups one by one through the classes sorted by
-group (the ordered walk: the same instructions per element for any G, the logits gathered)
-when the gathers touch no more 32-byte sectors than the CLASS walk's reads of the row, else the
-CLASS walk (work per element growing with G): docs/design.md, "The ordered walk". That rule was
-set from instruction counts and sector counts, without a GPU; this case measures it. For
-G in {8, 32} and two layouts of the groups, ``ranges`` (contiguous classes: one sector per
-sector of a row) and ``drawn`` (each class's group at random: about 12.7 sectors per sector at
-G = 32 in bf16), it times LTKD's full step (forward + backward) at N = 1024, V = 128256,
-bfloat16, with each walk forced, and marks the one the rule takes. The floor is the full
-step's bytes (5 N V x 2) over this run's copy bandwidth.
+With 5 groups or more the launcher picks the walk by how the groups lie over the classes
+(docs/design.md, "The ordered walk", "The window walk"): groups that are each one range of
+classes are read densely group after group (``ranges``); groups whose gathers touch few
+32-byte sectors are walked one by one through the classes sorted by group (``ordered``);
+groups interleaved more finely are walked in windows, every lane one group (``windows``);
+the CLASS walk (work per element growing with G) is left for the calls no plan serves. That
+rule was set from instruction counts and sector counts, without a GPU; this case measures it.
+For G in {8, 32} and two layouts of the groups, ``ranges`` (contiguous classes: one sector
+per sector of a row) and ``drawn`` (each class's group at random: about 12.7 sectors per
+sector at G = 32 in bf16), it times LTKD's full step (forward + backward) at N = 1024,
+V = 128256, bfloat16, with each walk forced, and marks the one the rule takes. The floor is
+the full step's bytes (5 N V x 2) over this run's copy bandwidth.
 
 ``--N``, ``--V``, ``--G`` replace the size and the group counts. On the CPU it runs only under
 ``TRITON_INTERPRET=1`` (a smoke run of the code, as tests/test_packaging.py does).
@@ -33,7 +35,8 @@ from . import CaseResult, case, target
 SIZE = (1024, 128256)
 GROUP_COUNTS = (8, 32)
 LAYOUTS = ("ranges", "drawn")
-WALKS = ("ordered", "class")
+# The walks timed per layout (the rule's first).
+WALKS = {"ranges": ("ranges", "ordered", "class"), "drawn": ("windows", "ordered", "class")}
 
 
 def group_ids(layout: str, num_groups: int, vocab: int, device) -> torch.Tensor:
@@ -43,8 +46,8 @@ def group_ids(layout: str, num_groups: int, vocab: int, device) -> torch.Tensor:
     return torch.randint(0, num_groups, (vocab,), generator=generator).to(device)
 
 
-@case("groups", "LTKD with many groups (CUDA, N=1024 V=128256 bf16, G in {8, 32}): the ordered "
-      "and the CLASS walk on ranges and on drawn groups", devices=("cuda",))
+@case("groups", "LTKD with many groups (CUDA, N=1024 V=128256 bf16, G in {8, 32}): the ranges, "
+      "ordered, window and CLASS walks on ranges and on drawn groups", devices=("cuda",))
 def run(ctx: Context) -> CaseResult:
     from ltkd_kernels.ops import class_order
     from ltkd_kernels.triton import grouped_kl as ops
@@ -67,11 +70,10 @@ def run(ctx: Context) -> CaseResult:
             groups = group_ids(layout, G, V, ctx.device)
             sectors = class_order.remember(groups, G).sectors[2]
             cfg = GroupedKLConfig(num_groups=G, group_rule=GROUP_CLASS)
-            taken = ops._class_order(cfg, groups, student, teacher, False)
-            chosen = "ordered" if taken is not None else "class"
+            chosen = ops._class_order(cfg, groups, student, teacher, None, False)[1] or "class"
             ctx.log(f"{problem.label()} {layout} groups: {sectors:.2f} sectors per sector, the "
                     f"rule takes the {chosen} walk")
-            for walk in WALKS:
+            for walk in WALKS[layout]:
                 def setup(i):
                     student.grad = None
                     return student
@@ -98,20 +100,22 @@ def run(ctx: Context) -> CaseResult:
 
 
 def _targets(rows) -> List[dict]:
-    """Per G and layout: the other walk's time over the rule's (at least 1: the rule is right)."""
+    """Per G and layout: the fastest other walk's time over the rule's (at least 1: the rule is
+    right)."""
     out = []
     for G in sorted({r["G"] for r in rows}):
         for layout in LAYOUTS:
             mine = [r for r in rows if r["G"] == G and r["note"].startswith(layout)]
             rule = next((r for r in mine if "(the rule's)" in r["note"]), None)
-            other = next((r for r in mine if "(the rule's)" not in r["note"]), None)
+            others = [r["median_ms"] for r in mine
+                      if "(the rule's)" not in r["note"] and r["median_ms"]]
             value = None
-            if rule and other and rule["median_ms"] and other["median_ms"]:
-                value = other["median_ms"] / rule["median_ms"]
+            if rule and others and rule["median_ms"]:
+                value = min(others) / rule["median_ms"]
             walk = "—" if rule is None else rule["provider"].split("/")[-1]
-            out.append(target(f"G={G} {layout} groups: the other walk's time over the rule's "
-                              f"({walk})", value, ">= 1", None if value is None else value >= 1,
-                              "x"))
+            out.append(target(f"G={G} {layout} groups: the fastest other walk's time over the "
+                              f"rule's ({walk})", value, ">= 1",
+                              None if value is None else value >= 1, "x"))
     return out
 
 
@@ -120,4 +124,4 @@ def _sections(rows) -> List[str]:
     body = [[r["G"], r["note"], "—" if r["median_ms"] is None else f"{r['median_ms']:.3f}",
              "—" if r["fraction_of_floor"] is None else f"{100 * r['fraction_of_floor']:.1f}%"]
             for r in rows]
-    return ["## Both walks of many groups", ""] + markdown_table(header, body) + [""]
+    return ["## The walks of many groups", ""] + markdown_table(header, body) + [""]

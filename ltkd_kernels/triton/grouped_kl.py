@@ -33,8 +33,15 @@ How blocks and warps are chosen (the rule, no autotuning):
   per iteration; one program per (row, slice) for any G. Where each group is one range of
   classes (in any order) from 2 groups: the same walk reading each range densely
   (``ORDER = 2``: the one-group walk's ``VEC`` and ``UNROLL``, bf16 pairs, no gather; ``3``
-  with the compact int8 ids, checked four at a time). ``walk_override`` (module setting, or the :func:`forced_walk` context) forces the
-  walk.
+  with the compact int8 ids, checked four at a time).
+- The window walk (``ORDER = 4``, docs/design.md): from 5 groups, where the ordered walk's
+  gathers would touch more than ``ORDER_MAX_SECTORS`` sectors per sector and the groups
+  tensor carries a window plan (up to 128 groups holding classes), for dense student and
+  teacher without class weights: every lane one group, ``WINDOW_SLOTS`` classes per lane
+  per step from a window of 1024 classes; one program per (row, slice of steps). Elsewhere
+  the ordered walk where its gathers touch no more sectors than the CLASS walk's reads, else
+  the CLASS walk. ``walk_override`` (module setting, or the :func:`forced_walk` context)
+  forces the walk.
 - bf16 rows with an even row stride are read as int32 pairs (``PAIRS_*``). Class weights:
   from ``COMPACT_MIN_ROWS`` rows and ``COMPACT_MIN_ELEMENTS`` elements the launchers pass
   their logs, taken once per call (``CW_LOG = 2``: no log per class and row); below, the
@@ -111,7 +118,8 @@ def _launch(kernel, grid, *args, **meta) -> None:
 
 # Forces the number of V-slices per row (tests); None: the rule above.
 split_override: Optional[int] = None
-# Forces the CLASS rule's walk (tests): "ordered", "ranges", "class", or None: the rule above.
+# Forces the CLASS rule's walk (tests): "ordered", "ranges", "windows", "class", or None: the
+# rule above.
 walk_override: Optional[str] = None
 
 
@@ -131,8 +139,9 @@ def forced_walk(name: Optional[str]) -> Iterator[None]:
     """``with forced_walk("ordered"): ...`` walks every CLASS-rule row group by group,
     gathering through the class order (built on the spot when none is attached);
     ``"ranges"`` the same, taking each group as one range of classes read densely (groups
-    that are not ranges give NaN rows, by the walk's id check); ``"class"`` never walks
-    group by group."""
+    that are not ranges give NaN rows, by the walk's id check); ``"windows"`` the window
+    walk (its plan made on the spot when none is attached; where the walk does not apply,
+    the CLASS walk); ``"class"`` never walks group by group."""
     global walk_override
     previous, walk_override = walk_override, name
     try:
@@ -246,13 +255,14 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                 has_topk: bool, has_target: bool, has_mask: bool, topk_k: int = 0,
                 pairs_s: bool = False, pairs_t: bool = False, ordered: bool = False,
                 cw_log: bool = False, ranges: bool = False,
-                packed_ids: bool = False) -> Dict:
+                packed_ids: bool = False, windows: bool = False) -> Dict:
     """``(constexprs and warps of grouped_kl_states_kernel, chunks of groups)`` for these
     inputs (dtypes and flags only: shared with the compile test's listing). ``ordered``: the
     CLASS rule's groups walked one by one through the class order (when the walk is a CLASS
     walk at all); ``ranges``: each group is one range of classes (read densely);
-    ``packed_ids``: int8 ids, 4-byte aligned (checked four at a time there). ``cw_log``: the
-    class weights are given as their logs."""
+    ``packed_ids``: int8 ids, 4-byte aligned (checked four at a time there); ``windows``: the
+    window walk (``ordered`` and the order's window plan). ``cw_log``: the class weights are
+    given as their logs."""
     gc, live, block_g, chunks = _group_layout(cfg)
     has_s = student_dtype is not None
     dense_t = teacher_dtype is not None and not has_topk
@@ -275,11 +285,14 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
         # gathered (one load per class and tensor, one position of the order per lane per
         # load).
         gc, live, block_g, chunks, bad_or = 1, 1, _pow2(cfg.num_groups), 1, False
-        if ranges:
+        if windows:
+            # Every lane one group; the plan hands a lane WINDOW_SLOTS classes per step.
+            vec, order, pairs_s, pairs_t = _orders.WINDOW_SLOTS, 4, False, False
+        elif ranges:
             order = 3 if packed_ids and groups_dtype == torch.int8 and vec % 4 == 0 else 2
         else:
             vec, order, pairs_s, pairs_t = ORDER_VEC, 1, False, False
-        unroll = max(1, CLASSES_PER_LANE // vec)
+        unroll = 1 if windows else max(1, CLASSES_PER_LANE // vec)
     else:
         # A lane takes 16 classes per iteration in a CLASS walk (its per-iteration rescale of
         # 3 G sums is then spread over twice as many), 8 otherwise.
@@ -297,29 +310,45 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                 num_warps=NUM_WARPS), chunks
 
 
-def _class_order(cfg: GroupedKLConfig, groups, student, teacher, has_topk: bool):
-    """The class order the states walk takes (None: the CLASS walk): groups that are each one
-    range of classes from 2 groups, else see ORDER_MAX_SECTORS."""
+def _class_order(cfg: GroupedKLConfig, groups, student, teacher, class_weight, has_topk: bool):
+    """``(class order, walk)`` of the states walk: ``(None, None)`` the CLASS walk, else
+    ``"ranges"`` (groups that are each one range of classes, from 2 groups), ``"ordered"``
+    (gathers touching at most ORDER_MAX_SECTORS sectors per sector of a row), ``"windows"``
+    (the order's window plan: dense student and teacher, no class weights), ``"ordered"``
+    again where the gathers touch no more sectors than the CLASS walk's reads of the row."""
     if groups is None or cfg.group_rule != GROUP_CLASS or walk_override == "class":
-        return None
+        return None, None
     if has_topk and cfg.topk_rule == TOPK_BUCKET:
-        return None
+        return None, None
     G = cfg.num_groups
     found = _orders.cached(groups, G)
+    windows_ok = (not has_topk and student is not None and teacher is not None
+                  and class_weight is None)
     if walk_override in ("ordered", "ranges"):
         if found is None:
             found = _orders.build(groups, G, with_sectors=False)
-        return found._replace(ranges=walk_override == "ranges")
+        return found._replace(ranges=walk_override == "ranges"), walk_override
+    if walk_override == "windows":
+        if found is None:
+            found = _orders.build(groups, G, with_sectors=False)
+        if found.windows is None:
+            found = found._replace(windows=_orders.window_plan(found.order, found.bounds,
+                                                               groups.shape[0]))
+        return (found, "windows") if windows_ok and found.windows is not None else (None, None)
     if found is None:  # (orders are remembered from RANGES_MIN_GROUPS on)
-        return None
+        return None, None
     if found.ranges and G >= _orders.RANGES_MIN_GROUPS:
-        return found
+        return found, "ranges"
     if G < _orders.ORDER_MIN_GROUPS or not found.sectors:
-        return None
+        return None, None
     itemsize = max(_itemsize(_dtype(student)), _itemsize(None if has_topk else _dtype(teacher)))
-    reads = _group_layout(cfg)[3]
     ratio = found.sectors.get(itemsize)
-    return found if ratio is not None and ratio <= max(ORDER_MAX_SECTORS, reads) else None
+    if ratio is not None and ratio <= ORDER_MAX_SECTORS:
+        return found, "ordered"
+    if windows_ok and found.windows is not None:
+        return found, "windows"
+    reads = _group_layout(cfg)[3]
+    return (found, "ordered") if ratio is not None and ratio <= reads else (None, None)
 
 
 def merge_meta(cfg: GroupedKLConfig) -> Dict:
@@ -428,19 +457,25 @@ def states(student, teacher, topk_indices, topk_logprobs, groups, target, class_
         return state, extras
     has_topk = cfg.topk_rule != TEACHER_DENSE and topk_indices is not None
     k = topk_indices.shape[1] if has_topk else 0
-    order = _class_order(cfg, groups, student, teacher, has_topk)
+    order, walk = _class_order(cfg, groups, student, teacher, class_weight, has_topk)
     groups = _compact_ids(groups, G, rows)  # (after the order: it is attached to the original)
     class_weight, cw_log = _log_class_weights(class_weight, rows)
     meta, chunks = states_meta(cfg, _dtype(student), _dtype(teacher), _dtype(groups),
                                _dtype(class_weight), has_topk, target is not None,
                                mask is not None, k, _pairs(student), _pairs(teacher),
-                               order is not None, cw_log=cw_log,
-                               ranges=order is not None and order.ranges,
-                               packed_ids=_packed_ids(groups))
+                               order is not None, cw_log=cw_log, ranges=walk == "ranges",
+                               packed_ids=_packed_ids(groups), windows=walk == "windows")
     if not meta["ORDER"]:
         order = None
-    block = LANES * meta["VEC"] * meta["UNROLL"]
-    num_splits, slice_len = _splits(rows, vocab, block, device)
+    if meta["ORDER"] == 4:
+        # The window walk: the plan's meta and slots stand for the bounds and the order, and
+        # the slices are ranges of its steps.
+        plan = order.windows
+        order = _orders.ClassOrder(plan.slots, plan.meta, {})
+        num_splits, slice_len = _splits(rows, plan.steps, 1, device)
+    else:
+        block = LANES * meta["VEC"] * meta["UNROLL"]
+        num_splits, slice_len = _splits(rows, vocab, block, device)
     if num_splits > 1:
         out_state = torch.empty((num_splits, rows, 5, G), dtype=torch.float32, device=device)
         out_extras = torch.empty((num_splits, rows, 4), dtype=torch.float32, device=device)

@@ -61,6 +61,13 @@ How the states kernel walks a V-slice (the per-element cost is what bounds it):
   one-group row (wide aligned loads after one masked sub-tile at the range's start), its ids
   still checked; ``ORDER == 3`` the same with int8 ids (4-byte aligned) checked four at a
   time, as int32 words equal to the group's id in every byte.
+- ``ORDER == 4`` (the window walk, docs/design.md): groups interleaved finely. Every lane
+  walks one group (the plan's, for the whole row) as a one-group walk; each step reads a
+  window of ``LANES * VEC`` classes densely and gathers each lane's ``VEC`` slots of the
+  plan from it through shared memory (an empty slot: ``-inf``). Each group's state is the
+  exact merge of its lanes' (its own maxima), all groups in one segmented scan over the
+  lanes. Every class handed to a lane has its id compared with the lane's group (a stale
+  plan, a bad id: NaN).
 - Excluded classes: TARGET's target (its group 1 is the rest) and BUCKET's valid top-k entries
   (its group 1 is the classes off the entries, summed directly). The full blocks holding one
   are left out of the fast loop and walked with masks; the fast loop has no per-element test.
@@ -260,7 +267,10 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     units (threads across units, then a shared-memory conversion of every tile: 2.4 times the
     instructions); one load per unit is laid out lanes-first by every version. A unit's
     constant shift is added to the pointers last (an immediate of the load instruction)."""
-    if U > 1:
+    if ORDER == 4:
+        x, t, g, lw = _window_tile(srow, trow, groups_ptr, order_ptr, start, hi, gbase, LOAD_S,
+                                   DENSE_T, MASKED, SUB * U)
+    elif U > 1:
         x0, t0, g0, w0 = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
                                     pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
                                     PAIRS_S, PAIRS_T, CW_LOG, ORDER, U // 2, SUB, SHIFT)
@@ -274,6 +284,46 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
                                  hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S,
                                  PAIRS_T, CW_LOG, ORDER, SHIFT)
     return x, t, g, lw
+
+
+@triton.jit
+def _window_tile(srow, trow, groups_ptr, slots_row, start, hi, lane_group, LOAD_S: tl.constexpr,
+                 DENSE_T: tl.constexpr, MASKED: tl.constexpr, W: tl.constexpr):
+    """The window walk's step (``ORDER == 4``): classes ``[start, start + W)`` read densely
+    (``MASKED``: those below ``hi``), then each lane's slots of the plan (``slots_row``:
+    ``[LANES * E]`` window offsets, -1 an empty slot) gathered from them through shared memory,
+    as ``[LANES, E]``: raw student ``x``, teacher ``t`` (``-inf`` in an empty slot) and ``g``,
+    1 where a class's id is not its lane's group (a stale plan, a bad id)."""
+    E: tl.constexpr = W // lane_group.shape[0]
+    offs = start + tl.arange(0, W)
+    slot = tl.load(slots_row + tl.arange(0, W)).to(tl.int32)
+    empty = tl.reshape(slot < 0, [lane_group.shape[0], E])
+    pick = slot & (W - 1)  # (in range whatever the plan holds: -1 -> W - 1, an empty slot)
+    if MASKED:
+        inside = offs < hi
+    if LOAD_S:
+        if MASKED:
+            xw = tl.load(srow + offs, mask=inside, other=float("-inf")).to(tl.float32)
+        else:
+            xw = tl.load(srow + offs).to(tl.float32)
+        x = tl.where(empty, float("-inf"), tl.reshape(tl.gather(xw, pick, 0), empty.shape))
+    else:
+        x = tl.zeros(empty.shape, tl.float32)
+    if DENSE_T:
+        if MASKED:
+            tw = tl.load(trow + offs, mask=inside, other=float("-inf")).to(tl.float32)
+        else:
+            tw = tl.load(trow + offs).to(tl.float32)
+        t = tl.where(empty, float("-inf"), tl.reshape(tl.gather(tw, pick, 0), empty.shape))
+    else:
+        t = x
+    if MASKED:
+        gw = tl.load(groups_ptr + offs, mask=inside, other=-1).to(tl.int32)
+    else:
+        gw = tl.load(groups_ptr + offs).to(tl.int32)
+    gid = tl.reshape(tl.gather(gw, pick, 0), empty.shape)
+    g = ((gid != lane_group[:, None]) & ~empty).to(tl.int32)
+    return x, t, g, x
 
 
 @triton.jit
@@ -511,7 +561,9 @@ def _dense_step(srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pai
     x, t, g, lw = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi,
                              gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S, PAIRS_T,
                              CW_LOG, ORDER, E // offs3.shape[2], offs3.shape[1] * offs3.shape[2])
-    if ORDER:
+    if ORDER == 4:
+        bad = bad | tl.max(g, axis=1)
+    elif ORDER:
         bad = bad | tl.max((g != gbase).to(tl.int32), axis=1)
         if ORDER == 3:
             g = t  # (one entry per word: not a per-class tile; unused past the check)
@@ -708,6 +760,101 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
             c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, SHARED,
             True, EXCL, EXCL != 0, BAD_OR, False, False, CW_LOG, ORDER, VEC)
     return mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice
+
+
+@triton.jit
+def _window_pass(srow, trow, groups_ptr, plan_ptr, slots_ptr, lo, hi, V, G, lane_group, inv_t,
+                 DENSE_S: tl.constexpr, DENSE_T: tl.constexpr, WITH_H: tl.constexpr,
+                 CE_SEP: tl.constexpr, CW_LOG: tl.constexpr, VEC: tl.constexpr,
+                 UNROLL: tl.constexpr, LANES: tl.constexpr):
+    """The window walk (``ORDER == 4``) over steps ``[lo, hi)`` of the plan ``plan_ptr`` /
+    ``slots_ptr`` (:class:`ltkd_kernels.ops.class_order.WindowPlan`): each lane a one-group
+    walk over the classes of its group ``lane_group`` the steps hand it. The steps whose window
+    lies inside the row come first, unmasked. Returns the lane state (see :func:`_dense_step`)."""
+    W: tl.constexpr = LANES * VEC * UNROLL
+    E: tl.constexpr = VEC * UNROLL
+    l3 = tl.arange(0, LANES)[None, :, None]
+    offs3 = l3 * VEC + tl.arange(0, VEC)[None, None, :]
+    no_ex = _lanes(offs3) < 0
+    if UNROLL > 1:
+        no_ex = _unit_columns(no_ex, LANES * VEC, UNROLL)
+    gk = tl.zeros([1], tl.int32)
+    live = gk == 0
+    no_ref = tl.zeros([1], tl.float32)
+    c_s = inv_t * LOG2E
+    c_t = inv_t * LOG2E
+    mS = tl.full([1, LANES], float("-inf"), tl.float32)
+    mT = tl.full([1, LANES], float("-inf"), tl.float32)
+    sS = tl.zeros([1, LANES], tl.float32)
+    sT = tl.zeros([1, LANES], tl.float32)
+    h = tl.zeros([1, LANES], tl.float32)
+    LX = tl.full([LANES], float("-inf"), tl.float32)
+    LT = tl.full([LANES], float("-inf"), tl.float32)
+    LA = tl.full([LANES], float("-inf"), tl.float32)
+    sX = tl.zeros([LANES], tl.float32)
+    bad = tl.zeros([LANES], tl.int32)
+    seen = tl.zeros([LANES], tl.int32)
+    twice = tl.zeros([LANES], tl.int32)
+    inside = tl.load(plan_ptr + 1)
+    starts = plan_ptr + 2 + LANES + G
+    for step in range(lo, tl.minimum(hi, inside)):
+        start = tl.multiple_of(tl.load(starts + step), 16)
+        mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
+            srow, trow, groups_ptr, slots_ptr + step * W, srow, start, V, offs3, offs3, no_ex,
+            mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, lane_group,
+            inv_t, c_s, c_t, no_ref, no_ref, False, DENSE_S, DENSE_T, WITH_H, False, CE_SEP,
+            False, False, False, 0, False, False, False, False, CW_LOG, 4, E)
+    for step in range(tl.maximum(lo, inside), hi):
+        start = tl.multiple_of(tl.load(starts + step), 16)
+        mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
+            srow, trow, groups_ptr, slots_ptr + step * W, srow, start, V, offs3, offs3, no_ex,
+            mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, lane_group,
+            inv_t, c_s, c_t, no_ref, no_ref, False, DENSE_S, DENSE_T, WITH_H, False, CE_SEP,
+            False, False, True, 0, False, False, False, False, CW_LOG, 4, E)
+    return mS, mT, sS, sT, h, LX, LT, LA, sX, bad
+
+
+@triton.jit
+def _window_combine(ka, ca, xa, sa, ta, ua, ha, kb, cb, xb, sb, tb, ub, hb):
+    """The window walk's segmented merge of lane states ``(group, c, X, sS, T, sT, h)``
+    (:func:`_window_pass`'s, sums relative to ``ref(X)``, ``ref(T)``, ``c`` the exponent scale):
+    the exact merge of ``a`` and ``b`` when they hold the same group, else ``b`` (a group's
+    lanes are consecutive: a scan restarts at each group's first lane)."""
+    X = tl.maximum(xa, xb)
+    T = tl.maximum(ta, tb)
+    rX = _ref(X)
+    rT = _ref(T)
+    fSa = tl.where(xa == float("-inf"), 0.0, tl.math.exp2((_ref(xa) - rX) * ca))
+    fSb = tl.where(xb == float("-inf"), 0.0, tl.math.exp2((_ref(xb) - rX) * ca))
+    fTa = tl.where(ta == float("-inf"), 0.0, tl.math.exp2((_ref(ta) - rT) * ca))
+    fTb = tl.where(tb == float("-inf"), 0.0, tl.math.exp2((_ref(tb) - rT) * ca))
+    s = tl.where(sa == 0, 0.0, sa * fSa) + tl.where(sb == 0, 0.0, sb * fSb)
+    u = tl.where(ua == 0, 0.0, ua * fTa) + tl.where(ub == 0, 0.0, ub * fTb)
+    # (h is relative to each side's references: it shifts with them, as in _dense_step)
+    h = (tl.where(ua == 0, 0.0, (ha + ua * ((_ref(ta) - rT) - (_ref(xa) - rX))) * fTa)
+         + tl.where(ub == 0, 0.0, (hb + ub * ((_ref(tb) - rT) - (_ref(xb) - rX))) * fTb))
+    same = ka == kb
+    return (kb, cb, tl.where(same, X, xb), tl.where(same, s, sb), tl.where(same, T, tb),
+            tl.where(same, u, ub), tl.where(same, h, hb))
+
+
+@triton.jit
+def _merge_window_lanes(lane_group, group_last, X, sS, T, sT, h, inv_t):
+    """Lanes -> the per-group state ``(m^S, s^S, m^T, s^T, g)`` ``[BLOCK_G]`` of the window
+    walk: one segmented scan over the lanes (each group's lanes consecutive), read at each
+    group's last lane ``group_last`` (-1: the group has none, an empty state). Work per
+    program independent of G."""
+    c = tl.zeros_like(X) + inv_t * LOG2E
+    _, _, mX, mS, mT, mST, mH = tl.associative_scan(
+        (lane_group, c, X, sS, T, sT, h), 0, _window_combine)
+    held = group_last >= 0
+    at = tl.maximum(group_last, 0)
+    m_s = tl.where(held, tl.gather(mX, at, 0) * inv_t, float("-inf"))
+    s_s = tl.where(held, tl.gather(mS, at, 0), 0.0)
+    m_t = tl.where(held, tl.gather(mT, at, 0) * inv_t, float("-inf"))
+    s_t = tl.where(held, tl.gather(mST, at, 0), 0.0)
+    g = tl.where(held, tl.gather(mH, at, 0) * inv_t, 0.0)
+    return m_s, s_s, m_t, s_t, g
 
 
 @triton.jit
@@ -929,8 +1076,11 @@ def grouped_kl_states_kernel(
     topk_idx_ptr,     # (N, K) int32/int64 top-k class indices, unit stride along K (TOPK >= 0)
     topk_lp_ptr,      # (N, K) float top-k teacher log-probs, unit stride along K (TOPK >= 0)
     groups_ptr,       # (V,) int32/int64 group of each class (GROUP_RULE == CLASS)
-    order_ptr,        # (V,) int32 the classes sorted by group, ascending within a group (ORDER)
-    bounds_ptr,       # (G + 1,) int32: group k's classes are order[bounds[k]:bounds[k + 1]]
+    order_ptr,        # (V,) int32 the classes sorted by group, ascending within a group (ORDER);
+                      #   ORDER == 4: the window plan's slots (S, LANES * VEC) int16
+    bounds_ptr,       # (G + 1,) int32: group k's classes are order[bounds[k]:bounds[k + 1]];
+                      #   ORDER == 4: the plan's meta (S, steps inside, lane groups, each
+                      #   group's last lane, window starts)
     target_ptr,       # (N,) int32/int64 target class of each row, global id (HAS_TARGET)
     cw_ptr,           # (V,) float class weights w, or their logs (CW_LOG = 2): a = z^T / T + log w (HAS_CW)
     mask_ptr,         # (N,) bool/int row mask, nonzero = valid (HAS_MASK)
@@ -951,7 +1101,7 @@ def grouped_kl_states_kernel(
     target_lo,        # valid targets (global): [target_lo, target_hi) or ignore_index
     target_hi,
     ignore_index,     # target value of an ignored (invalid) row
-    slice_len,        # classes per V-slice (a multiple of LANES * VEC * UNROLL)
+    slice_len,        # classes per V-slice (a multiple of LANES * VEC * UNROLL; ORDER == 4: steps)
     num_splits,       # S: V-slices per row
     num_chunks,       # C: chunks of GC groups (> 1 only for the CLASS rule with G > GC)
     GROUP_RULE: tl.constexpr,   # GROUP_ONE / GROUP_CLASS / GROUP_TARGET
@@ -976,7 +1126,8 @@ def grouped_kl_states_kernel(
     CW_LOG: tl.constexpr,       # class weights: 0 tl.log, 1 hardware log, 2 given as logs
     ORDER: tl.constexpr,        # CLASS rule: walk the groups one by one through the class
                                 #   order (1: gathered; 2: each group one range, read densely;
-                                #   3: the same, int8 ids checked four at a time)
+                                #   3: the same, int8 ids checked four at a time); 4: the
+                                #   window walk (every lane one group)
     LANES: tl.constexpr,        # 32 * num_warps: one lane per thread
 ):
     """Op 1 on one (row, V-slice, chunk of groups): the slice's per-group state and extras.
@@ -1025,8 +1176,8 @@ def grouped_kl_states_kernel(
             # Clamped into [-1, V] before narrowing: outside [0, V) it matches no class.
             t_local = tl.minimum(tl.maximum(target - vocab_offset, -1), V).to(tl.int32)
         if ORDER:
-            # The slices are ranges of positions of the class order: the first one owns the
-            # target's logit.
+            # The slices are ranges of positions of the class order (or steps of the window
+            # plan): the first one owns the target's logit.
             in_slice = (split == 0) & (t_local >= 0) & (t_local < V)
         else:
             in_slice = (t_local >= lo) & (t_local < hi)
@@ -1054,7 +1205,24 @@ def grouped_kl_states_kernel(
             p0 = tl.sum((e_sorted < lo).to(tl.int32), axis=0)
             pend = tl.sum((e_sorted < hi).to(tl.int32), axis=0)
             tl.debug_barrier()
-        if ORDER:
+        if ORDER == 4:
+            # The window walk: every lane walks one group (the plan's), the steps [lo, hi)
+            # of this split; then each group's state is the exact merge of its lanes'.
+            lane_group = tl.load(bounds_ptr + 2 + tl.arange(0, LANES))
+            group_last = tl.load(bounds_ptr + 2 + LANES + kk, mask=kk < G, other=-1)
+            s_lo = split * slice_len
+            s_hi = tl.minimum(s_lo + slice_len, tl.load(bounds_ptr))
+            mS, mT, sS, sT, h, LX, LT, LA, sX, bad_lanes = _window_pass(
+                srow, trow, groups_ptr, bounds_ptr, order_ptr, s_lo, s_hi, V, G, lane_group,
+                inv_t, DENSE_S, DENSE_T, WITH_H, CE_SEP, CW_LOG, VEC, UNROLL, LANES)
+            dm_s, ds_s, dm_t, ds_t, dg = _merge_window_lanes(
+                lane_group, group_last, LX, tl.reshape(sS, [LANES]), LT,
+                tl.reshape(sT, [LANES]), tl.reshape(h, [LANES]), inv_t)
+            ds_s, ds_t, dg = _scaled_limits(dm_s, ds_s, dm_t, ds_t, dg, DENSE_S, DENSE_T, WITH_H)
+            m_s, s_s, m_t, s_t, g = dm_s, ds_s, dm_t, ds_t, dg
+            bad = bad | (tl.max(bad_lanes, axis=0) > 0)
+            bad = bad | (tl.max(((lane_group < 0) | (lane_group >= G)).to(tl.int32), axis=0) > 0)
+        elif ORDER:
             # One group at a time, each a one-group walk over its classes (gathered through
             # the class order) in this slice of positions: per-element work flat in G, and
             # every group's state at its own maxima (exact, as the one-group walk).
