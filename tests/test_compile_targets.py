@@ -61,7 +61,7 @@ KNOWN_OVER_BUDGET: Dict[tuple, str] = {
               "row: 2 x (4 x 16 + 23) at G = 32 (a compare and three predicated sums per group "
               "and element). For groups that are ranges (the 'ranges' rows), or that gather "
               "cheaply (the 'ordered' rows), or are interleaved finer (the window walk, the "
-              "'ORDER=4' rows: 48.0 at G = 32) the launcher takes a walk flat in G; the CLASS "
+              "'ORDER=4' rows: 47.8 at G = 32) the launcher takes a walk flat in G; the CLASS "
               "walk is left for finely interleaved groups with class weights or a top-k "
               "teacher, and for calls without a plan (torch.compile's graphs)",
 }

@@ -293,7 +293,9 @@ def _window_tile(srow, trow, groups_ptr, slots_row, start, hi, lane_group, LOAD_
     (``MASKED``: those below ``hi``), then each lane's slots of the plan (``slots_row``:
     ``[LANES * E]`` window offsets, -1 an empty slot) gathered from them through shared memory,
     as ``[LANES, E]``: raw student ``x``, teacher ``t`` (``-inf`` in an empty slot) and ``g``,
-    1 where a class's id is not its lane's group (a stale plan, a bad id)."""
+    1 where a class's id is not its lane's group (a stale plan, a bad id). Both models' logits
+    of a class in the same 16-bit type travel as one 32-bit word (one shared-memory read per
+    class for the two)."""
     E: tl.constexpr = W // lane_group.shape[0]
     offs = start + tl.arange(0, W)
     slot = tl.load(slots_row + tl.arange(0, W)).to(tl.int32)
@@ -301,22 +303,42 @@ def _window_tile(srow, trow, groups_ptr, slots_row, start, hi, lane_group, LOAD_
     pick = slot & (W - 1)  # (in range whatever the plan holds: -1 -> W - 1, an empty slot)
     if MASKED:
         inside = offs < hi
-    if LOAD_S:
+    HALF_S: tl.constexpr = srow.dtype.element_ty.primitive_bitwidth == 16
+    if LOAD_S and DENSE_T and HALF_S and (trow.dtype.element_ty == srow.dtype.element_ty):
         if MASKED:
-            xw = tl.load(srow + offs, mask=inside, other=float("-inf")).to(tl.float32)
+            xw = tl.load(srow + offs, mask=inside, other=float("-inf"))
+            tw = tl.load(trow + offs, mask=inside, other=float("-inf"))
         else:
-            xw = tl.load(srow + offs).to(tl.float32)
-        x = tl.where(empty, float("-inf"), tl.reshape(tl.gather(xw, pick, 0), empty.shape))
-    else:
-        x = tl.zeros(empty.shape, tl.float32)
-    if DENSE_T:
-        if MASKED:
-            tw = tl.load(trow + offs, mask=inside, other=float("-inf")).to(tl.float32)
+            xw = tl.load(srow + offs)
+            tw = tl.load(trow + offs)
+        word = ((xw.to(tl.int16, bitcast=True).to(tl.int32) & 65535)
+                | (tw.to(tl.int16, bitcast=True).to(tl.int32) << 16))
+        pw = tl.reshape(tl.gather(word, pick, 0), empty.shape)
+        if srow.dtype.element_ty == tl.bfloat16:
+            x = (pw << 16).to(tl.float32, bitcast=True)
+            t = (pw & -65536).to(tl.float32, bitcast=True)
         else:
-            tw = tl.load(trow + offs).to(tl.float32)
-        t = tl.where(empty, float("-inf"), tl.reshape(tl.gather(tw, pick, 0), empty.shape))
+            x = pw.to(tl.int16).to(srow.dtype.element_ty, bitcast=True).to(tl.float32)
+            t = (pw >> 16).to(tl.int16).to(srow.dtype.element_ty, bitcast=True).to(tl.float32)
+        x = tl.where(empty, float("-inf"), x)
+        t = tl.where(empty, float("-inf"), t)
     else:
-        t = x
+        if LOAD_S:
+            if MASKED:
+                xw = tl.load(srow + offs, mask=inside, other=float("-inf")).to(tl.float32)
+            else:
+                xw = tl.load(srow + offs).to(tl.float32)
+            x = tl.where(empty, float("-inf"), tl.reshape(tl.gather(xw, pick, 0), empty.shape))
+        else:
+            x = tl.zeros(empty.shape, tl.float32)
+        if DENSE_T:
+            if MASKED:
+                tw = tl.load(trow + offs, mask=inside, other=float("-inf")).to(tl.float32)
+            else:
+                tw = tl.load(trow + offs).to(tl.float32)
+            t = tl.where(empty, float("-inf"), tl.reshape(tl.gather(tw, pick, 0), empty.shape))
+        else:
+            t = x
     if MASKED:
         gw = tl.load(groups_ptr + offs, mask=inside, other=-1).to(tl.int32)
     else:
