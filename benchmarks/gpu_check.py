@@ -13,7 +13,7 @@ network: run it from the repository root, or with the repository on ``PYTHONPATH
    plots): ``lm`` (every loss, this package's Triton kernels, the papers' eager code,
    ``torch.compile`` of it, Liger-Kernel where importable, at N = 4096, V = 128256 and
    N = 64, V = 256000, bfloat16: fraction of the HBM floor 5 N V 2 bytes / measured copy
-   bandwidth, x eager, x compile), ``groups`` (LTKD with 8 and 32 groups through both walks
+   bandwidth, x eager, x compile), ``groups`` (LTKD with 8 and 32 groups through the walks
    of the states kernel, groups as ranges and drawn at random), ``launches``, ``topk``,
    ``srw``;
 3. ``OUT_DIR/gpu_check.json`` and ``OUT_DIR/summary.md``: versions, GPU, copy bandwidth, the

@@ -19,7 +19,7 @@ from ltkd_kernels.ops import grouped_kl_torch as torch_ops
 from ltkd_kernels.ops import launches
 from ltkd_kernels.ops.config import (GROUP_CLASS, GROUP_ONE, GROUP_TARGET, REDUCE_MEAN,
                                      REDUCE_NONE, REDUCE_SUM, TOPK_BUCKET, TOPK_RENORMALIZE,
-                                     GroupedKLConfig)
+                                     TOPK_RESTRICT, GroupedKLConfig)
 
 _UNAVAILABLE = lk.unavailable_reason("triton", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None,
@@ -551,15 +551,16 @@ def test_group_logsumexp_takes_the_ordered_walk(ops, monkeypatch):
 # through shared memory (ltkd_kernels/ops/class_order.py, WindowPlan).
 
 WINDOW_CASES = ["ltkd", "ltkd_G8_masked_rows", "ltkd_G100_empty", "ltkd_neg_inf",
-                "ltkd_teacher_within"]
+                "ltkd_teacher_within", "topk_ltkd", "topk_ltkd_logmass"]
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4099)], ids=str)
 @pytest.mark.parametrize("name", WINDOW_CASES)
 def test_window_walk_matches_torch(ops, walks, name, shape):
-    """Every dense CLASS-rule configuration walked in windows (forced: the rule takes it from
-    5 groups for interleaved groups) against the float64 torch form: one window and several,
-    the last one past the row's end, one class, -inf logits, empty groups."""
+    """Every CLASS-rule configuration with a dense student walked in windows (forced: the rule
+    takes it from 5 groups for interleaved groups) against the float64 torch form: one window
+    and several, the last one past the row's end, one class, -inf logits, empty groups, a
+    renormalized top-k teacher."""
     inputs, cfg = make_op_inputs(_case(name), *shape, torch.float32)
     if inputs is None:
         pytest.skip("V too small for the case")
@@ -590,7 +591,7 @@ def test_window_walk_with_cross_entropy(ops, walks, temperature):
 
 
 @pytest.mark.parametrize("splits", [2, 3, 7])
-@pytest.mark.parametrize("name", ["ltkd_G8_masked_rows", "ce"])
+@pytest.mark.parametrize("name", ["ltkd_G8_masked_rows", "topk_ltkd", "ce"])
 def test_window_walk_split_over_steps(ops, walks, name, splits):
     """Slices are ranges of the plan's steps (the first owns the target's logit; more slices
     than steps leave some empty); the merged state equals the unsplit one."""
@@ -602,6 +603,17 @@ def test_window_walk_split_over_steps(ops, walks, name, splits):
         _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
     assert set(walks) == {4}
     assert count["triton:grouped_kl_merge_kernel"] > 0
+
+
+def test_window_walk_topk_teacher_split_with_large_student_logits(ops, walks):
+    """A renormalized top-k teacher: the walk gives the student's columns only, the teacher's
+    come from the entries (first slice); the other slices' teacher columns must stay empty,
+    or a student maximum far above the teacher's log-probs would swamp them in the merge."""
+    inputs, cfg = make_op_inputs(_case("topk_ltkd"), 3, 4321, torch.float32)
+    inputs["student"] = inputs["student"] + 3000.0
+    with ops.forced_walk("windows"), ops.forced_splits(3):
+        _check_against_torch(ops, inputs, cfg)
+    assert set(walks) == {4}
 
 
 def test_window_walk_bf16_tail_group_one_class_and_empty_groups(ops, walks):
@@ -745,11 +757,15 @@ def test_the_rule_picks_the_walk_by_the_layout_of_the_groups(ops, walks, layout,
     assert ops._class_order(cfg, groups, student, teacher, None, False)[1] == walk
     assert set(walks) == {dict(ranges=2, ordered=1, windows=4).get(walk, 0)
                           if not (walk == "ranges" and dtype == torch.bfloat16) else 2}
-    # The window walk serves dense teachers without class weights; else the CLASS walk.
+    # The window walk serves a dense student with a dense or renormalized top-k teacher,
+    # without class weights.
     if walk == "windows":
         weights = torch.rand(vocab) + 0.5
         assert ops._class_order(cfg, groups, student, teacher, weights, False)[1] != "windows"
-        assert ops._class_order(cfg, groups, student, None, None, True)[1] != "windows"
+        for rule, expected in ((TOPK_RENORMALIZE, "windows"), (TOPK_RESTRICT, None)):
+            topk_cfg = cfg._replace(topk_rule=rule)
+            assert ops._class_order(topk_cfg, groups, student, None, None, True)[1] == expected
+        assert ops._class_order(cfg, groups, None, teacher, None, False)[1] != "windows"
 
 
 def test_window_walk_through_the_api_loss_and_gradient(ops, walks):

@@ -36,8 +36,8 @@ How blocks and warps are chosen (the rule, no autotuning):
   with the compact int8 ids, checked four at a time).
 - The window walk (``ORDER = 4``, docs/design.md): from 5 groups, where the ordered walk's
   gathers would touch more than ``ORDER_MAX_SECTORS`` sectors per sector and the groups
-  tensor carries a window plan (up to 128 groups holding classes), for dense student and
-  teacher without class weights: every lane one group, ``WINDOW_SLOTS`` classes per lane
+  tensor carries a window plan (up to 128 groups holding classes), for a dense student and a
+  dense (or renormalized top-k) teacher, without class weights: every lane one group, ``WINDOW_SLOTS`` classes per lane
   per step from a window of 1024 classes; one program per (row, slice of steps). Elsewhere
   the ordered walk where its gathers touch no more sectors than the CLASS walk's reads, else
   the CLASS walk. ``walk_override`` (module setting, or the :func:`forced_walk` context)
@@ -314,7 +314,8 @@ def _class_order(cfg: GroupedKLConfig, groups, student, teacher, class_weight, h
     """``(class order, walk)`` of the states walk: ``(None, None)`` the CLASS walk, else
     ``"ranges"`` (groups that are each one range of classes, from 2 groups), ``"ordered"``
     (gathers touching at most ORDER_MAX_SECTORS sectors per sector of a row), ``"windows"``
-    (the order's window plan: dense student and teacher, no class weights), ``"ordered"``
+    (the order's window plan: a dense student, a dense or renormalized top-k teacher, no
+    class weights), ``"ordered"``
     again where the gathers touch no more sectors than the CLASS walk's reads of the row."""
     if groups is None or cfg.group_rule != GROUP_CLASS or walk_override == "class":
         return None, None
@@ -322,8 +323,10 @@ def _class_order(cfg: GroupedKLConfig, groups, student, teacher, class_weight, h
         return None, None
     G = cfg.num_groups
     found = _orders.cached(groups, G)
-    windows_ok = (not has_topk and student is not None and teacher is not None
-                  and class_weight is None)
+    # (the window walk: a dense student, and a dense teacher or a renormalized top-k one)
+    windows_ok = (student is not None and class_weight is None
+                  and ((not has_topk and teacher is not None)
+                       or (has_topk and cfg.topk_rule == TOPK_RENORMALIZE)))
     if walk_override in ("ordered", "ranges"):
         if found is None:
             found = _orders.build(groups, G, with_sectors=False)
