@@ -32,6 +32,7 @@ machine) each takes seconds.
 
     python -m tests.test_compile_targets            # print the table
     python -m tests.test_compile_targets --write    # and write benchmarks/results/compile_table.md
+    python -m tests.test_compile_targets --walk     # every kernel's JIT dependency walk only
 
 The Triton 3.6 table (torch 2.11 brings that version; from an environment with
 ``triton==3.6.0``): ``python -m tests.test_compile_targets --core --arch 90 --write --out
@@ -646,11 +647,48 @@ load per unit"); since then both versions give the same loops.
     path.write_text(header + format_table(rows) + "\n")
 
 
+def dependency_walks() -> List[str]:
+    """Every kernel's JIT dependency walk (``cache_key``: Triton resolves each helper the kernel
+    source names, taken or not), as a launch on a GPU does first: ``"name key"`` per kernel.
+    Triton 3.2 to 3.4 never end the walk of a recursive helper, and 3.2 has no ``tl.gather``
+    (``--walk`` runs this under the installed Triton; CI under Triton 3.2)."""
+    from ltkd_kernels.triton import grouped_kl_kernels, srw_kernels
+
+    out = []
+    for module, prefix in ((grouped_kl_kernels, "grouped_kl_"), (srw_kernels, "srw_")):
+        for name in sorted(dir(module)):
+            if name.startswith(prefix) and name.endswith("_kernel"):
+                out.append(f"{name} {getattr(module, name).cache_key[:16]}")
+    return out
+
+
+def recursive_jit_functions() -> List[str]:
+    """The ``@triton.jit`` functions of the package that call themselves by name."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "ltkd_kernels" / "triton"
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef):
+                called = {n.func.id for n in ast.walk(node)
+                          if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+                if node.name in called:
+                    found.append(f"{path.name}:{node.name}")
+    return found
+
+
 def _main(argv):
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import warnings
     warnings.filterwarnings("ignore")
+    if "--walk" in argv:
+        import triton
+        walks = dependency_walks()
+        print("\n".join(walks))
+        print(f"triton {triton.__version__}: {len(walks)} kernels' dependency walks end")
+        return 0
     t0 = time.time()
     core = "--core" in argv
     archs = CORE_ARCHS if core else ARCHS
@@ -694,6 +732,13 @@ def _compile_and_check(core: bool):
             "grouped_kl_grad_kernel"} <= kernels
     if not core:
         assert sum(k.startswith("srw_") for k in kernels) == 5
+
+
+def test_no_recursive_jit_helpers():
+    """Triton 3.2-3.4 (torch 2.6-2.8) never end the dependency walk of a helper that calls
+    itself: every launch would fail there (a RecursionError). Helpers that split a tile level
+    by level have one function per level."""
+    assert recursive_jit_functions() == []
 
 
 def test_core_specialisations_compile_within_budgets():

@@ -113,6 +113,20 @@ SHARED_MIN_SUM = tl.constexpr(8.673617379884035e-19)
 # ---------------------------------------------------------------------------------------------
 # Small helpers.
 
+# tl.gather (the window walk's) came with Triton 3.3. Its only caller is this wrapper, so that
+# under Triton 3.2 no kernel source names it (Triton's dependency walk of a kernel resolves
+# every name its helpers use, taken or not) and the launchers do not take that walk.
+HAS_GATHER = hasattr(tl, "gather")
+if HAS_GATHER:
+    @triton.jit
+    def _gather(src, index, axis: tl.constexpr):
+        return tl.gather(src, index, axis)
+else:
+    @triton.jit
+    def _gather(src, index, axis: tl.constexpr):
+        tl.static_assert(False, "the window walk needs Triton >= 3.3 (tl.gather)")
+        return src
+
 @triton.jit
 def _ref(m):
     """The reference point of a group: its maximum, or 0 while it has no finite logit."""
@@ -148,18 +162,57 @@ def _max_combine(a, b):
     return tl.maximum(a, b)
 
 
+# Helpers that take a tile's elements one at a time split it in halves, level by level: one
+# function per level (_held_bits2 calls _held_bit twice, _held_bits4 _held_bits2, ...), not a
+# recursive one, whose JIT dependency walk Triton 3.2-3.4 cannot end.
+
+@triton.jit
+def _held_bit(bits, seen, twice):
+    """:func:`_held_bits` of one element per lane (``[LANES, 1]``)."""
+    b = tl.reshape(bits, [bits.shape[0]])
+    twice = twice | (seen & b)
+    seen = seen | b
+    return seen, twice
+
+
+@triton.jit
+def _held_bits2(bits, seen, twice):
+    b0, b1 = _halves(bits)
+    seen, twice = _held_bit(b0, seen, twice)
+    return _held_bit(b1, seen, twice)
+
+
+@triton.jit
+def _held_bits4(bits, seen, twice):
+    b0, b1 = _halves(bits)
+    seen, twice = _held_bits2(b0, seen, twice)
+    return _held_bits2(b1, seen, twice)
+
+
+@triton.jit
+def _held_bits8(bits, seen, twice):
+    b0, b1 = _halves(bits)
+    seen, twice = _held_bits4(b0, seen, twice)
+    return _held_bits4(b1, seen, twice)
+
+
 @triton.jit
 def _held_bits(bits, seen, twice, E: tl.constexpr):
     """``seen |= bit``, ``twice |= bit`` already in ``seen``, for the ``[LANES, E]`` elements'
     group bits in turn: ``twice`` marks the groups a lane holds more than once."""
     if E == 1:
-        b = tl.reshape(bits, [bits.shape[0]])
-        twice = twice | (seen & b)
-        seen = seen | b
+        seen, twice = _held_bit(bits, seen, twice)
+    elif E == 2:
+        seen, twice = _held_bits2(bits, seen, twice)
+    elif E == 4:
+        seen, twice = _held_bits4(bits, seen, twice)
+    elif E == 8:
+        seen, twice = _held_bits8(bits, seen, twice)
     else:
+        tl.static_assert(E == 16, "E: 1 to 16 elements per lane")
         b0, b1 = _halves(bits)
-        seen, twice = _held_bits(b0, seen, twice, E // 2)
-        seen, twice = _held_bits(b1, seen, twice, E // 2)
+        seen, twice = _held_bits8(b0, seen, twice)
+        seen, twice = _held_bits8(b1, seen, twice)
     return seen, twice
 
 
@@ -236,14 +289,29 @@ def _columns(a, b):
 
 
 @triton.jit
+def _unit_columns2(cols, SUB: tl.constexpr):
+    return _columns(cols, cols + SUB)
+
+
+@triton.jit
+def _unit_columns4(cols, SUB: tl.constexpr):
+    return _columns(_unit_columns2(cols, SUB), _unit_columns2(cols + 2 * SUB, SUB))
+
+
+@triton.jit
 def _unit_columns(cols, SUB: tl.constexpr, U: tl.constexpr):
     """``[LANES, U * VEC]``: unit 0's classes ``cols`` (``[LANES, VEC]``) and the next
     ``U - 1`` units' (``+ SUB`` each), in the column order of :func:`_load_tile`."""
     if U == 1:
-        return cols
+        out = cols
+    elif U == 2:
+        out = _unit_columns2(cols, SUB)
+    elif U == 4:
+        out = _unit_columns4(cols, SUB)
     else:
-        return _columns(_unit_columns(cols, SUB, U // 2),
-                        _unit_columns(cols + (U // 2) * SUB, SUB, U // 2))
+        tl.static_assert(U == 8, "U: 1 to 8 units")
+        out = _columns(_unit_columns4(cols, SUB), _unit_columns4(cols + 4 * SUB, SUB))
+    return out
 
 
 @triton.jit
@@ -270,20 +338,60 @@ def _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
     if ORDER == 4:
         x, t, g, lw = _window_tile(srow, trow, groups_ptr, order_ptr, start, hi, gbase, LOAD_S,
                                    DENSE_T, MASKED, SUB * U)
-    elif U > 1:
-        x0, t0, g0, w0 = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
-                                    pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
-                                    PAIRS_S, PAIRS_T, CW_LOG, ORDER, U // 2, SUB, SHIFT)
-        x1, t1, g1, w1 = _load_tile(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
-                                    pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
-                                    PAIRS_S, PAIRS_T, CW_LOG, ORDER, U // 2, SUB,
-                                    SHIFT + (U // 2) * SUB)
-        x, t, g, lw = _columns(x0, x1), _columns(t0, t1), _columns(g0, g1), _columns(w0, w1)
-    else:
+    elif U == 1:
         x, t, g, lw = _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3,
                                  hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S,
                                  PAIRS_T, CW_LOG, ORDER, SHIFT)
+    elif U == 2:
+        x, t, g, lw = _load_units2(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
+                                   pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
+                                   PAIRS_S, PAIRS_T, CW_LOG, ORDER, SUB, SHIFT)
+    elif U == 4:
+        x, t, g, lw = _load_units4(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
+                                   pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
+                                   PAIRS_S, PAIRS_T, CW_LOG, ORDER, SUB, SHIFT)
+    else:
+        tl.static_assert(U == 8, "U: 1 to 8 units")
+        x0, t0, g0, w0 = _load_units4(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
+                                      pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
+                                      PAIRS_S, PAIRS_T, CW_LOG, ORDER, SUB, SHIFT)
+        x1, t1, g1, w1 = _load_units4(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
+                                      pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
+                                      PAIRS_S, PAIRS_T, CW_LOG, ORDER, SUB, SHIFT + 4 * SUB)
+        x, t, g, lw = _columns(x0, x1), _columns(t0, t1), _columns(g0, g1), _columns(w0, w1)
     return x, t, g, lw
+
+
+@triton.jit
+def _load_units2(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi, gbase,
+                 LOAD_S: tl.constexpr, DENSE_T: tl.constexpr, CLASS: tl.constexpr,
+                 HAS_CW: tl.constexpr, MASKED: tl.constexpr, PAIRS_S: tl.constexpr,
+                 PAIRS_T: tl.constexpr, CW_LOG: tl.constexpr, ORDER: tl.constexpr,
+                 SUB: tl.constexpr, SHIFT: tl.constexpr):
+    """Two units of :func:`_load_tile` (at ``SHIFT`` and ``SHIFT + SUB``), columns joined."""
+    x0, t0, g0, w0 = _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3,
+                                hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S,
+                                PAIRS_T, CW_LOG, ORDER, SHIFT)
+    x1, t1, g1, w1 = _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3,
+                                hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED, PAIRS_S,
+                                PAIRS_T, CW_LOG, ORDER, SHIFT + SUB)
+    return _columns(x0, x1), _columns(t0, t1), _columns(g0, g1), _columns(w0, w1)
+
+
+@triton.jit
+def _load_units4(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, hi, gbase,
+                 LOAD_S: tl.constexpr, DENSE_T: tl.constexpr, CLASS: tl.constexpr,
+                 HAS_CW: tl.constexpr, MASKED: tl.constexpr, PAIRS_S: tl.constexpr,
+                 PAIRS_T: tl.constexpr, CW_LOG: tl.constexpr, ORDER: tl.constexpr,
+                 SUB: tl.constexpr, SHIFT: tl.constexpr):
+    """Four units of :func:`_load_tile` (two pairs), columns joined."""
+    x0, t0, g0, w0 = _load_units2(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
+                                  pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
+                                  PAIRS_S, PAIRS_T, CW_LOG, ORDER, SUB, SHIFT)
+    x1, t1, g1, w1 = _load_units2(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3,
+                                  pair3, hi, gbase, LOAD_S, DENSE_T, CLASS, HAS_CW, MASKED,
+                                  PAIRS_S, PAIRS_T, CW_LOG, ORDER, SUB, SHIFT + 2 * SUB)
+    return _columns(x0, x1), _columns(t0, t1), _columns(g0, g1), _columns(w0, w1)
 
 
 @triton.jit
@@ -313,7 +421,7 @@ def _window_tile(srow, trow, groups_ptr, slots_row, start, hi, lane_group, LOAD_
             tw = tl.load(trow + offs)
         word = ((xw.to(tl.int16, bitcast=True).to(tl.int32) & 65535)
                 | (tw.to(tl.int16, bitcast=True).to(tl.int32) << 16))
-        pw = tl.reshape(tl.gather(word, pick, 0), empty.shape)
+        pw = tl.reshape(_gather(word, pick, 0), empty.shape)
         if srow.dtype.element_ty == tl.bfloat16:
             x = (pw << 16).to(tl.float32, bitcast=True)
             t = (pw & -65536).to(tl.float32, bitcast=True)
@@ -328,7 +436,7 @@ def _window_tile(srow, trow, groups_ptr, slots_row, start, hi, lane_group, LOAD_
                 xw = tl.load(srow + offs, mask=inside, other=float("-inf")).to(tl.float32)
             else:
                 xw = tl.load(srow + offs).to(tl.float32)
-            x = tl.where(empty, float("-inf"), tl.reshape(tl.gather(xw, pick, 0), empty.shape))
+            x = tl.where(empty, float("-inf"), tl.reshape(_gather(xw, pick, 0), empty.shape))
         else:
             x = tl.zeros(empty.shape, tl.float32)
         if DENSE_T:
@@ -336,14 +444,14 @@ def _window_tile(srow, trow, groups_ptr, slots_row, start, hi, lane_group, LOAD_
                 tw = tl.load(trow + offs, mask=inside, other=float("-inf")).to(tl.float32)
             else:
                 tw = tl.load(trow + offs).to(tl.float32)
-            t = tl.where(empty, float("-inf"), tl.reshape(tl.gather(tw, pick, 0), empty.shape))
+            t = tl.where(empty, float("-inf"), tl.reshape(_gather(tw, pick, 0), empty.shape))
         else:
             t = x
     if MASKED:
         gw = tl.load(groups_ptr + offs, mask=inside, other=-1).to(tl.int32)
     else:
         gw = tl.load(groups_ptr + offs).to(tl.int32)
-    gid = tl.reshape(tl.gather(gw, pick, 0), empty.shape)
+    gid = tl.reshape(_gather(gw, pick, 0), empty.shape)
     g = ((gid != lane_group[:, None]) & ~empty).to(tl.int32)
     return x, t, g, x
 
@@ -414,6 +522,147 @@ def _load_unit(srow, trow, groups_ptr, order_ptr, cw_ptr, start, offs3, pair3, h
 
 
 @triton.jit
+def _sum_elem(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+              c_s, c_t, inv_t, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
+              DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
+              CE_SEP: tl.constexpr, EXACT: tl.constexpr, BAD_OR: tl.constexpr,
+              TRACK: tl.constexpr):
+    """:func:`_sum_elems` of one element per lane (``[LANES, 1]`` tiles)."""
+    x = tl.reshape(x, [x.shape[0]])
+    t = tl.reshape(t, [t.shape[0]])
+    g = tl.reshape(g, [g.shape[0]])
+    lw = tl.reshape(lw, [lw.shape[0]])
+    if CLASS:
+        p = (g[None, :] == gk[:, None]) & live[:, None]
+        if not EXACT:
+            if BAD_OR:
+                bad = bad | g
+            else:
+                bad = bad | (g.to(tl.uint32, bitcast=True) >= G).to(tl.int32)
+            if DENSE_S and TRACK:
+                mS = tl.where(p, tl.maximum(mS, x[None, :]), mS)
+        if EXACT:
+            rS = tl.sum(tl.where(p, refS[:, None], 0.0), axis=0)
+        else:
+            rS = RS
+    else:
+        rS = RS
+        xs = x - rS
+    if DENSE_S:
+        if CLASS:
+            eS = tl.math.exp2(x * c_s - rS)
+        else:
+            eS = tl.math.exp2(xs * c_s)
+        if CLASS:
+            sS = tl.where(p, sS + eS[None, :], sS)
+        else:
+            sS = sS + eS[None, :]
+    if DENSE_T:
+        if HAS_CW:
+            tv = t * inv_t + lw
+        else:
+            tv = t
+        if CLASS:
+            if (not EXACT) and TRACK:
+                mT = tl.where(p, tl.maximum(mT, tv[None, :]), mT)
+            if EXACT:
+                rT = tl.sum(tl.where(p, refT[:, None], 0.0), axis=0)
+            else:
+                rT = RT
+            eT = tl.math.exp2(tv * c_t - rT)
+        else:
+            ts = tv - RT
+            eT = tl.math.exp2(ts * c_t)
+        if CLASS:
+            sT = tl.where(p, sT + eT[None, :], sT)
+        else:
+            sT = sT + eT[None, :]
+        if WITH_H:
+            if CLASS:
+                if HAS_CW:
+                    d = tv - x * inv_t
+                else:
+                    d = tv - x
+            else:
+                if HAS_CW:
+                    d = ts - xs * inv_t
+                else:
+                    d = ts - xs
+            # A masked teacher class adds nothing: 0 * (a - b) would be NaN at a = -inf
+            # (d = -inf, or NaN where b = -inf too); the NaN-ignoring max makes d finite
+            # there and keeps d = +inf (a student -inf under teacher mass: g = +inf). A NaN
+            # logit still reaches the sums through its exp.
+            d = tl.maximum(d, -3.4028234663852886e38)
+            if CLASS:
+                h = tl.where(p, h + eT[None, :] * d[None, :], h)
+            else:
+                h = h + eT[None, :] * d[None, :]
+    if CE_SEP:
+        if CLASS:
+            sX = sX + tl.math.exp2(x * LOG2E - RX)
+        else:
+            sX = sX + tl.math.exp2((x - RX) * LOG2E)
+    return mS, mT, sS, sT, h, sX, bad
+
+
+@triton.jit
+def _sum_elems2(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+                c_s, c_t, inv_t, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
+                DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
+                CE_SEP: tl.constexpr, EXACT: tl.constexpr, BAD_OR: tl.constexpr,
+                TRACK: tl.constexpr):
+    """Two elements per lane, one after the other."""
+    x0, x1 = _halves(x)
+    t0, t1 = _halves(t)
+    g0, g1 = _halves(g)
+    w0, w1 = _halves(lw)
+    mS, mT, sS, sT, h, sX, bad = _sum_elem(
+        x0, t0, g0, w0, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+        c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR, TRACK)
+    return _sum_elem(
+        x1, t1, g1, w1, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+        c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR, TRACK)
+
+
+@triton.jit
+def _sum_elems4(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+                c_s, c_t, inv_t, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
+                DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
+                CE_SEP: tl.constexpr, EXACT: tl.constexpr, BAD_OR: tl.constexpr,
+                TRACK: tl.constexpr):
+    """Four elements per lane (two halves)."""
+    x0, x1 = _halves(x)
+    t0, t1 = _halves(t)
+    g0, g1 = _halves(g)
+    w0, w1 = _halves(lw)
+    mS, mT, sS, sT, h, sX, bad = _sum_elems2(
+        x0, t0, g0, w0, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+        c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR, TRACK)
+    return _sum_elems2(
+        x1, t1, g1, w1, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+        c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR, TRACK)
+
+
+@triton.jit
+def _sum_elems8(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+                c_s, c_t, inv_t, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
+                DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
+                CE_SEP: tl.constexpr, EXACT: tl.constexpr, BAD_OR: tl.constexpr,
+                TRACK: tl.constexpr):
+    """Eight elements per lane (two halves)."""
+    x0, x1 = _halves(x)
+    t0, t1 = _halves(t)
+    g0, g1 = _halves(g)
+    w0, w1 = _halves(lw)
+    mS, mT, sS, sT, h, sX, bad = _sum_elems4(
+        x0, t0, g0, w0, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+        c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR, TRACK)
+    return _sum_elems4(
+        x1, t1, g1, w1, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+        c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR, TRACK)
+
+
+@triton.jit
 def _sum_elems(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
                c_s, c_t, inv_t, CLASS: tl.constexpr, DENSE_S: tl.constexpr,
                DENSE_T: tl.constexpr, WITH_H: tl.constexpr, HAS_CW: tl.constexpr,
@@ -434,93 +683,39 @@ def _sum_elems(x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX,
     G). Each group costs a compare and three predicated operations per element (five with
     ``TRACK``)."""
     if VEC == 1:
-        x = tl.reshape(x, [x.shape[0]])
-        t = tl.reshape(t, [t.shape[0]])
-        g = tl.reshape(g, [g.shape[0]])
-        lw = tl.reshape(lw, [lw.shape[0]])
-        if CLASS:
-            p = (g[None, :] == gk[:, None]) & live[:, None]
-            if not EXACT:
-                if BAD_OR:
-                    bad = bad | g
-                else:
-                    bad = bad | (g.to(tl.uint32, bitcast=True) >= G).to(tl.int32)
-                if DENSE_S and TRACK:
-                    mS = tl.where(p, tl.maximum(mS, x[None, :]), mS)
-            if EXACT:
-                rS = tl.sum(tl.where(p, refS[:, None], 0.0), axis=0)
-            else:
-                rS = RS
-        else:
-            rS = RS
-            xs = x - rS
-        if DENSE_S:
-            if CLASS:
-                eS = tl.math.exp2(x * c_s - rS)
-            else:
-                eS = tl.math.exp2(xs * c_s)
-            if CLASS:
-                sS = tl.where(p, sS + eS[None, :], sS)
-            else:
-                sS = sS + eS[None, :]
-        if DENSE_T:
-            if HAS_CW:
-                tv = t * inv_t + lw
-            else:
-                tv = t
-            if CLASS:
-                if (not EXACT) and TRACK:
-                    mT = tl.where(p, tl.maximum(mT, tv[None, :]), mT)
-                if EXACT:
-                    rT = tl.sum(tl.where(p, refT[:, None], 0.0), axis=0)
-                else:
-                    rT = RT
-                eT = tl.math.exp2(tv * c_t - rT)
-            else:
-                ts = tv - RT
-                eT = tl.math.exp2(ts * c_t)
-            if CLASS:
-                sT = tl.where(p, sT + eT[None, :], sT)
-            else:
-                sT = sT + eT[None, :]
-            if WITH_H:
-                if CLASS:
-                    if HAS_CW:
-                        d = tv - x * inv_t
-                    else:
-                        d = tv - x
-                else:
-                    if HAS_CW:
-                        d = ts - xs * inv_t
-                    else:
-                        d = ts - xs
-                # A masked teacher class adds nothing: 0 * (a - b) would be NaN at a = -inf
-                # (d = -inf, or NaN where b = -inf too); the NaN-ignoring max makes d finite
-                # there and keeps d = +inf (a student -inf under teacher mass: g = +inf). A NaN
-                # logit still reaches the sums through its exp.
-                d = tl.maximum(d, -3.4028234663852886e38)
-                if CLASS:
-                    h = tl.where(p, h + eT[None, :] * d[None, :], h)
-                else:
-                    h = h + eT[None, :] * d[None, :]
-        if CE_SEP:
-            if CLASS:
-                sX = sX + tl.math.exp2(x * LOG2E - RX)
-            else:
-                sX = sX + tl.math.exp2((x - RX) * LOG2E)
+        mS, mT, sS, sT, h, sX, bad = _sum_elem(
+            x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+            c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR,
+            TRACK)
+    elif VEC == 2:
+        mS, mT, sS, sT, h, sX, bad = _sum_elems2(
+            x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+            c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR,
+            TRACK)
+    elif VEC == 4:
+        mS, mT, sS, sT, h, sX, bad = _sum_elems4(
+            x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+            c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR,
+            TRACK)
+    elif VEC == 8:
+        mS, mT, sS, sT, h, sX, bad = _sum_elems8(
+            x, t, g, lw, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
+            c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR,
+            TRACK)
     else:
+        tl.static_assert(VEC == 16, "VEC: 1 to 16 elements per lane")
         x0, x1 = _halves(x)
         t0, t1 = _halves(t)
         g0, g1 = _halves(g)
         w0, w1 = _halves(lw)
-        mS, mT, sS, sT, h, sX, bad = _sum_elems(
+        mS, mT, sS, sT, h, sX, bad = _sum_elems8(
             x0, t0, g0, w0, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
             c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR,
-            TRACK, VEC // 2)
-        mS, mT, sS, sT, h, sX, bad = _sum_elems(
+            TRACK)
+        mS, mT, sS, sT, h, sX, bad = _sum_elems8(
             x1, t1, g1, w1, mS, mT, sS, sT, h, sX, bad, gk, live, G, RS, RT, RX, refS, refT,
             c_s, c_t, inv_t, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT, BAD_OR,
-            TRACK, VEC // 2)
+            TRACK)
     return mS, mT, sS, sT, h, sX, bad
 
 
@@ -871,11 +1066,11 @@ def _merge_window_lanes(lane_group, group_last, X, sS, T, sT, h, inv_t):
         (lane_group, c, X, sS, T, sT, h), 0, _window_combine)
     held = group_last >= 0
     at = tl.maximum(group_last, 0)
-    m_s = tl.where(held, tl.gather(mX, at, 0) * inv_t, float("-inf"))
-    s_s = tl.where(held, tl.gather(mS, at, 0), 0.0)
-    m_t = tl.where(held, tl.gather(mT, at, 0) * inv_t, float("-inf"))
-    s_t = tl.where(held, tl.gather(mST, at, 0), 0.0)
-    g = tl.where(held, tl.gather(mH, at, 0) * inv_t, 0.0)
+    m_s = tl.where(held, _gather(mX, at, 0) * inv_t, float("-inf"))
+    s_s = tl.where(held, _gather(mS, at, 0), 0.0)
+    m_t = tl.where(held, _gather(mT, at, 0) * inv_t, float("-inf"))
+    s_t = tl.where(held, _gather(mST, at, 0), 0.0)
+    g = tl.where(held, _gather(mH, at, 0) * inv_t, 0.0)
     return m_s, s_s, m_t, s_t, g
 
 
