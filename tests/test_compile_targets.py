@@ -347,7 +347,22 @@ def _spec(fn, args, kwargs, arch):
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
-    from triton.runtime.jit import native_specialize_impl
+    try:
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:  # Triton 3.3-3.5: the same typing, from Python
+        from triton.runtime import jit as _jit
+
+        try:
+            _typed = _jit.create_specialize_impl(BaseBackend.get_arg_specialization)  # 3.4-3.5
+        except TypeError:  # 3.3: the backend's hook is an argument of each call
+            _plain = _jit.create_specialize_impl()
+
+            def _typed(arg, is_const=False, specialize_value=True, align=True):
+                return _plain(arg, BaseBackend.get_arg_specialization, is_const,
+                              specialize_value, align)
+
+        def native_specialize_impl(_backend, arg, is_const, specialize_value, align):
+            return _typed(arg, is_const, specialize_value, align)
 
     backend = CUDABackend(GPUTarget("cuda", arch, 32))
     names = fn.arg_names
@@ -662,20 +677,39 @@ def dependency_walks() -> List[str]:
     return out
 
 
+def _jit_functions():
+    """``(file name, source, node)`` of every ``@triton.jit`` function of the package."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "ltkd_kernels" / "triton"
+    for path in sorted(root.glob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and any(
+                    getattr(d, "attr", getattr(d, "id", "")) == "jit" for d in node.decorator_list):
+                yield path.name, source, node
+
+
 def recursive_jit_functions() -> List[str]:
     """The ``@triton.jit`` functions of the package that call themselves by name."""
     import ast
 
-    root = Path(__file__).resolve().parent.parent / "ltkd_kernels" / "triton"
     found = []
-    for path in sorted(root.glob("*.py")):
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.FunctionDef):
-                called = {n.func.id for n in ast.walk(node)
-                          if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-                if node.name in called:
-                    found.append(f"{path.name}:{node.name}")
+    for name, _, node in _jit_functions():
+        called = {n.func.id for n in ast.walk(node)
+                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        if node.name in called:
+            found.append(f"{name}:{node.name}")
     return found
+
+
+def chained_boolean_operators() -> List[str]:
+    """``A and B and C`` (one operator over three operands) in ``@triton.jit`` functions:
+    Triton 3.2-3.3 reject it (``(A and B) and C`` is two)."""
+    import ast
+
+    return [f"{name}:{node.name}:{b.lineno}" for name, _, node in _jit_functions()
+            for b in ast.walk(node) if isinstance(b, ast.BoolOp) and len(b.values) > 2]
 
 
 def _main(argv):
@@ -739,6 +773,12 @@ def test_no_recursive_jit_helpers():
     itself: every launch would fail there (a RecursionError). Helpers that split a tile level
     by level have one function per level."""
     assert recursive_jit_functions() == []
+
+
+def test_no_chained_boolean_operators_in_kernels():
+    """Triton 3.3 (torch 2.7) refuses ``A and B and C`` in a kernel ("chained boolean
+    operators are not supported"): the states kernel did not compile there."""
+    assert chained_boolean_operators() == []
 
 
 def test_core_specialisations_compile_within_budgets():

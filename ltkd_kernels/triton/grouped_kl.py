@@ -324,7 +324,7 @@ def _class_order(cfg: GroupedKLConfig, groups, student, teacher, class_weight, h
     G = cfg.num_groups
     found = _orders.cached(groups, G)
     # (the window walk: a dense student, and a dense teacher or a renormalized top-k one)
-    windows_ok = (_k.HAS_GATHER and student is not None and class_weight is None
+    windows_ok = (_k.WINDOW_WALK and student is not None and class_weight is None
                   and ((not has_topk and teacher is not None)
                        or (has_topk and cfg.topk_rule == TOPK_RENORMALIZE)))
     if walk_override in ("ordered", "ranges"):

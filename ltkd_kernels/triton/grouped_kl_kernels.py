@@ -115,8 +115,26 @@ SHARED_MIN_SUM = tl.constexpr(8.673617379884035e-19)
 
 # tl.gather (the window walk's) came with Triton 3.3. Its only caller is this wrapper, so that
 # under Triton 3.2 no kernel source names it (Triton's dependency walk of a kernel resolves
-# every name its helpers use, taken or not) and the launchers do not take that walk.
+# every name its helpers use, taken or not). Triton 3.3 compiles the walk's gathers to local
+# memory (8.7 KB of stack per thread, 2052 instructions per class at G = 32), 3.4 on through
+# shared memory (49.1): the launchers take the walk from 3.4 on (WINDOW_WALK).
 HAS_GATHER = hasattr(tl, "gather")
+
+
+def _release(version: str):
+    """``(major, minor)`` of a version string (``"3.4.0"``, ``"3.6.0+git1234"``)."""
+    numbers = []
+    for part in version.split(".")[:2]:
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        numbers.append(int(digits or 0))
+    return tuple(numbers)
+
+
+WINDOW_WALK = HAS_GATHER and _release(triton.__version__) >= (3, 4)
 if HAS_GATHER:
     @triton.jit
     def _gather(src, index, axis: tl.constexpr):
@@ -412,7 +430,7 @@ def _window_tile(srow, trow, groups_ptr, slots_row, start, hi, lane_group, LOAD_
     if MASKED:
         inside = offs < hi
     HALF_S: tl.constexpr = srow.dtype.element_ty.primitive_bitwidth == 16
-    if LOAD_S and DENSE_T and HALF_S and (trow.dtype.element_ty == srow.dtype.element_ty):
+    if ((LOAD_S and DENSE_T) and HALF_S) and (trow.dtype.element_ty == srow.dtype.element_ty):
         if MASKED:
             xw = tl.load(srow + offs, mask=inside, other=float("-inf"))
             tw = tl.load(trow + offs, mask=inside, other=float("-inf"))
@@ -791,7 +809,7 @@ def _dense_step(srow, trow, groups_ptr, order_ptr, cw_ptr, start, hi, offs3, pai
             bits = tl.where(_lanes(start + offs3 < hi), bits, 0)
         seen, twice = _held_bits(bits, seen, twice, E)
     # The cross-entropy over every class of the lane, kept at the lane's own maximum.
-    CE_APART: tl.constexpr = CE_SEP and ((EXCL != 0) or (not DENSE_S) or EXACT)
+    CE_APART: tl.constexpr = CE_SEP and (((EXCL != 0) or (not DENSE_S)) or EXACT)
     if CE_APART:
         newA = tl.maximum(LA, tl.max(x, axis=1))
         RX = _ref(newA)
@@ -1359,8 +1377,8 @@ def grouped_kl_states_kernel(
     split = rest % num_splits
     row = (rest // num_splits).to(tl.int64)
     DENSE_S: tl.constexpr = HAS_S and (TOPK != TOPK_RESTRICT)
-    CLASS_WALK: tl.constexpr = ((GROUP_RULE == GROUP_CLASS) and (TOPK != TOPK_BUCKET)
-                                and (DENSE_S or DENSE_T) and not ORDER)
+    CLASS_WALK: tl.constexpr = ((((GROUP_RULE == GROUP_CLASS) and (TOPK != TOPK_BUCKET))
+                                 and (DENSE_S or DENSE_T)) and not ORDER)
     WITH_H: tl.constexpr = HAS_S and DENSE_T
     # More than 4 groups: the CLASS walk keeps no per-group maxima in its loop (see above).
     SHARED_WALK: tl.constexpr = CLASS_WALK and (G_LIVE > 4)
@@ -1370,7 +1388,7 @@ def grouped_kl_states_kernel(
         EXCL: tl.constexpr = 1
     else:
         EXCL: tl.constexpr = 0
-    RUN_DENSE: tl.constexpr = DENSE_S or DENSE_T or CE_SEP
+    RUN_DENSE: tl.constexpr = (DENSE_S or DENSE_T) or CE_SEP
     WALK_COL: tl.constexpr = 1 if (GROUP_RULE == GROUP_TARGET) or (TOPK == TOPK_BUCKET) else 0
     lo = split * slice_len
     hi = tl.minimum(lo + slice_len, V)
