@@ -279,14 +279,24 @@ def test_ordered_walk_split_over_positions(ops, name, splits):
         _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
 
 
-def test_ordered_walk_bf16_tail_group_one_class_and_empty_groups(ops):
-    """bf16 logits; a group far below the others (each group is walked at its own maxima:
-    exact at any gap), a one-class group (sums exactly 1, gap 0), empty groups."""
-    groups = torch.arange(1500) % 5                        # groups 5 and 7 empty
-    groups[777] = 6                                        # group 6: one class
+@pytest.mark.parametrize("walk", ["ordered", "ranges", "windows"])
+def test_walks_bf16_tail_group_one_class_and_empty_groups(ops, walks, walk):
+    """bf16 logits, every group at its own maxima (exact at any gap): a group about 400 nats
+    below the others, a one-class group (sums exactly 1, gap 0), empty groups. The ordered
+    walk gathers interleaved groups; the ranges walk takes sorted ones (the one-class group
+    at an unaligned start), by the rule; the window walk interleaved ones, each lane one
+    group, the lanes merged exactly."""
+    vocab = 1500 if walk == "ordered" else 3001
+    groups = torch.arange(vocab) % 5                          # groups 5 and 7 empty
+    if walk == "ranges":
+        groups = torch.sort(groups).values
+    groups[{"ordered": 777, "ranges": -1, "windows": 1777}[walk]] = 6   # group 6: one class
     inputs, cfg = _tail_group_inputs(groups)
-    with ops.forced_walk("ordered"):
+    if walk == "ranges":
+        assert class_order.remember(inputs["groups"], 8).ranges
+    with ops.forced_walk(None if walk == "ranges" else walk):
         state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
+    assert set(walks) == {dict(ordered=1, ranges=2, windows=4)[walk]}
     _assert_tail_group_state(state)
 
 
@@ -312,16 +322,21 @@ def _assert_tail_group_state(state):
     assert state[:, 0, [5, 7]].eq(float("-inf")).all() and state[:, 1, [5, 7]].eq(0).all()
 
 
+@pytest.mark.parametrize("walk, vocab, at", [("ordered", 50, 17), ("windows", 2000, 1717)])
 @pytest.mark.parametrize("bad_id", [8, -1, 2 ** 31 - 1])
-def test_ordered_walk_bad_group_id_gives_nan_rows(ops, bad_id):
-    student, teacher = torch.randn(3, 50), torch.randn(3, 50)
-    groups = torch.randint(8, (50,))
-    groups[17] = bad_id
+def test_ordered_and_window_walks_bad_group_id_gives_nan_rows(ops, walks, bad_id, walk, vocab,
+                                                              at):
+    """An id outside [0, G) (the class order puts it at the first or last group's end; the
+    window plan hands it to that group's lanes): NaN rows, never an out-of-bounds read."""
+    student, teacher = torch.randn(3, vocab), torch.randn(3, vocab)
+    groups = torch.randint(8, (vocab,))
+    groups[at] = bad_id
     cfg = GroupedKLConfig(num_groups=8, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS,
                           reduction=REDUCE_NONE)
-    with ops.forced_walk("ordered"):
+    with ops.forced_walk(walk):
         loss, state, _, _ = ops.loss_forward(student, teacher, None, None, groups, None, None,
                                              None, None, None, None, cfg)
+    assert set(walks) == {dict(ordered=1, windows=4)[walk]}
     assert torch.isnan(state).all() and torch.isnan(loss).all()
 
 
@@ -431,18 +446,6 @@ def test_ranges_walk_split_over_the_vocabulary(ops, name, splits):
         with ops.forced_splits(splits):
             state, extras = _check_against_torch(ops, inputs, cfg)
         _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
-
-
-def test_ranges_walk_bf16_tail_group_one_class_and_empty_groups(ops, walks):
-    """Each group at its own maxima: a group 400 nats below the others, a one-class group
-    (sums exactly 1, gap 0), empty groups, a group of one class at an unaligned start."""
-    groups = torch.sort(torch.arange(3001) % 5).values        # groups 5 and 7 empty
-    groups[-1] = 6                                               # group 6: one class
-    inputs, cfg = _tail_group_inputs(groups)
-    assert class_order.remember(inputs["groups"], 8).ranges
-    state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
-    assert set(walks) == {2}
-    _assert_tail_group_state(state)
 
 
 @pytest.mark.parametrize("bad_id", [3, -1, 2 ** 31 - 1])
@@ -614,33 +617,6 @@ def test_window_walk_topk_teacher_split_with_large_student_logits(ops, walks):
     with ops.forced_walk("windows"), ops.forced_splits(3):
         _check_against_torch(ops, inputs, cfg)
     assert set(walks) == {4}
-
-
-def test_window_walk_bf16_tail_group_one_class_and_empty_groups(ops, walks):
-    """Each lane walks one group at the lane's own maxima and the lanes merge exactly: a
-    group 400 nats below the others (interleaved with them), a one-class group (sums exactly
-    1, gap 0), empty groups."""
-    groups = torch.arange(3001) % 5                            # groups 5 and 7 empty
-    groups[1777] = 6                                           # group 6: one class
-    inputs, cfg = _tail_group_inputs(groups)
-    with ops.forced_walk("windows"):
-        state, _ = _check_against_torch(ops, inputs, cfg, torch.bfloat16, loss_rtol=1e-4)
-    assert set(walks) == {4}
-    _assert_tail_group_state(state)
-
-
-@pytest.mark.parametrize("bad_id", [8, -1, 2 ** 31 - 1])
-def test_window_walk_bad_group_id_gives_nan_rows(ops, walks, bad_id):
-    student, teacher = torch.randn(3, 2000), torch.randn(3, 2000)
-    groups = torch.randint(8, (2000,))
-    groups[1717] = bad_id
-    cfg = GroupedKLConfig(num_groups=8, temperature=2.0, rebalance=True, group_rule=GROUP_CLASS,
-                          reduction=REDUCE_NONE)
-    with ops.forced_walk("windows"):
-        loss, state, _, _ = ops.loss_forward(student, teacher, None, None, groups, None, None,
-                                             None, None, None, None, cfg)
-    assert set(walks) == {4}
-    assert torch.isnan(state).all() and torch.isnan(loss).all()
 
 
 @pytest.mark.parametrize("position", [0, 5, 1023, 1024, 2999])
