@@ -242,6 +242,8 @@ def _situations():
               torch.float32, target=True, windows=True)),
         ("ltkd bf16 G=100, windows", 100, case(ltkd._replace(num_groups=100), windows=True,
                                                reductions=())),
+        ("ltkd bf16 G=32, windows, teacher only", 32,
+         case(ltkd._replace(num_groups=32), student=False, grad=False, windows=True)),
         ("topk renormalize ltkd G=32, windows", 32,
          case(ltkd._replace(num_groups=32, topk_rule=TOPK_RENORMALIZE), topk=64, windows=True)),
         ("ltkd bf16 G=3, 8 rows (V-split)", 3, case(ltkd, n=8)),

@@ -63,11 +63,15 @@ def make_case(name, vocab):
                                   topk=dict(k=min(8, vocab), groups=g3, num_groups=3,
                                             temperature=2.0)),
         "kd_topk_bucket": lambda: Case("kd", dict(), topk=dict(k=min(5, vocab), rest="bucket")),
+        # 12 groups drawn at random: the Triton launchers take the window walk (every lane
+        # one group) for the chunks' compact ids, which carry the original's plan
+        "ltkd_g12": lambda: Case("ltkd", dict(groups=random_groups(vocab, 12), num_groups=12,
+                                              temperature=2.0)),
     }[name]()
 
 
 CASE_NAMES = ["kd", "ltkd", "ltkd_teacher_within", "dkd", "bkd", "bkd_ce", "kd_ce_half",
-              "ltkd_topk", "kd_topk_bucket"]
+              "ltkd_topk", "kd_topk_bucket", "ltkd_g12"]
 
 # (leading, H, H_T, V, chunk_size): N = 1 with H = 1; N not a multiple of the chunk and
 # H != H_T; a 2-D leading shape at V = 1031; chunk_size = 1 at V = 2; V = 1; the automatic chunk.

@@ -608,6 +608,28 @@ def test_window_walk_split_over_steps(ops, walks, name, splits):
     assert count["triton:grouped_kl_merge_kernel"] > 0
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_window_walk_teacher_only_and_student_only_states(ops, walks, splits):
+    """One model walked (the teacher's group masses of the fused linear losses; the student's
+    group_logsumexp): its log-sum-exps as the torch form's, the other model's slots zeros.
+    (The gap slot means nothing without both models: merged slices leave a number there, as
+    every walk does; only the unsplit state is compared whole.)"""
+    inputs, cfg = make_op_inputs(_case("ltkd_G8_masked_rows"), 3, 3001, torch.float32)
+    for student, teacher in ((None, inputs["teacher"]), (inputs["student"], None)):
+        with ops.forced_walk("windows"), ops.forced_splits(splits):
+            state, _ = ops.states(student, teacher, None, None, inputs["groups"], None, None,
+                                  None, cfg)
+        state64, _ = torch_ops.states(None if student is None else student.double(),
+                                      None if teacher is None else teacher.double(), None, None,
+                                      inputs["groups"], None, None, None, cfg)
+        models = dict(student=student is not None, teacher=teacher is not None)
+        compared = 3 if splits == 1 else 2
+        _assert_close(canonical_state(state, **models)[:, :compared],
+                      canonical_state(state64, **models)[:, :compared], "state", 2e-5, 2e-5)
+        assert torch.equal(state[:, 0 if student is None else 2], torch.zeros_like(state[:, 0]))
+    assert set(walks) == {4}
+
+
 def test_window_walk_topk_teacher_split_with_large_student_logits(ops, walks):
     """A renormalized top-k teacher: the walk gives the student's columns only, the teacher's
     come from the entries (first slice); the other slices' teacher columns must stay empty,
@@ -741,7 +763,8 @@ def test_the_rule_picks_the_walk_by_the_layout_of_the_groups(ops, walks, layout,
         for rule, expected in ((TOPK_RENORMALIZE, "windows"), (TOPK_RESTRICT, None)):
             topk_cfg = cfg._replace(topk_rule=rule)
             assert ops._class_order(topk_cfg, groups, student, None, None, True)[1] == expected
-        assert ops._class_order(cfg, groups, None, teacher, None, False)[1] != "windows"
+        assert ops._class_order(cfg, groups, None, teacher, None, False)[1] == "windows"
+        assert ops._class_order(cfg, groups, student, None, None, False)[1] == "windows"
 
 
 def test_window_walk_through_the_api_loss_and_gradient(ops, walks):

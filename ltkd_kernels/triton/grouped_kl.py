@@ -36,12 +36,12 @@ How blocks and warps are chosen (the rule, no autotuning):
   with the compact int8 ids, checked four at a time).
 - The window walk (``ORDER = 4``, docs/design.md): from 5 groups, where the ordered walk's
   gathers would touch more than ``ORDER_MAX_SECTORS`` sectors per sector and the groups
-  tensor carries a window plan (up to 128 groups holding classes), for a dense student and a
-  dense (or renormalized top-k) teacher, without class weights: every lane one group, ``WINDOW_SLOTS`` classes per lane
-  per step from a window of 1024 classes; one program per (row, slice of steps). Elsewhere
-  the ordered walk where its gathers touch no more sectors than the CLASS walk's reads, else
-  the CLASS walk. ``walk_override`` (module setting, or the :func:`forced_walk` context)
-  forces the walk.
+  tensor carries a window plan (up to 128 groups holding classes), for dense logits (either
+  model or both; a top-k teacher renormalized), without class weights, from Triton 3.4: every lane
+  one group, ``WINDOW_SLOTS`` classes per lane per step from a window of 1024 classes; one
+  program per (row, slice of steps). Elsewhere the ordered walk where its gathers touch no
+  more sectors than the CLASS walk's reads, else the CLASS walk. ``walk_override`` (module
+  setting, or the :func:`forced_walk` context) forces the walk.
 - bf16 rows with an even row stride are read as int32 pairs (``PAIRS_*``). Class weights:
   from ``COMPACT_MIN_ROWS`` rows and ``COMPACT_MIN_ELEMENTS`` elements the launchers pass
   their logs, taken once per call (``CW_LOG = 2``: no log per class and row); below, the
@@ -314,19 +314,21 @@ def _class_order(cfg: GroupedKLConfig, groups, student, teacher, class_weight, h
     """``(class order, walk)`` of the states walk: ``(None, None)`` the CLASS walk, else
     ``"ranges"`` (groups that are each one range of classes, from 2 groups), ``"ordered"``
     (gathers touching at most ORDER_MAX_SECTORS sectors per sector of a row), ``"windows"``
-    (the order's window plan: a dense student, a dense or renormalized top-k teacher, no
-    class weights), ``"ordered"``
-    again where the gathers touch no more sectors than the CLASS walk's reads of the row."""
+    (the order's window plan: dense logits of either model or both, or a dense student with
+    a renormalized top-k teacher; no class weights; Triton 3.4 on), ``"ordered"`` again where
+    the gathers touch no more sectors than the CLASS walk's reads of the row."""
     if groups is None or cfg.group_rule != GROUP_CLASS or walk_override == "class":
         return None, None
     if has_topk and cfg.topk_rule == TOPK_BUCKET:
         return None, None
     G = cfg.num_groups
     found = _orders.cached(groups, G)
-    # (the window walk: a dense student, and a dense teacher or a renormalized top-k one)
-    windows_ok = (_k.WINDOW_WALK and student is not None and class_weight is None
-                  and ((not has_topk and teacher is not None)
-                       or (has_topk and cfg.topk_rule == TOPK_RENORMALIZE)))
+    # (the window walk: dense logits, of one model or both, or a dense student with a
+    # renormalized top-k teacher)
+    windows_ok = (_k.WINDOW_WALK and class_weight is None
+                  and ((not has_topk and (student is not None or teacher is not None))
+                       or (has_topk and student is not None
+                           and cfg.topk_rule == TOPK_RENORMALIZE)))
     if walk_override in ("ordered", "ranges"):
         if found is None:
             found = _orders.build(groups, G, with_sectors=False)

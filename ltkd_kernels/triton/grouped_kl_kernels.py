@@ -1454,11 +1454,12 @@ def grouped_kl_states_kernel(
                 lane_group, group_last, LX, tl.reshape(sS, [LANES]), LT,
                 tl.reshape(sT, [LANES]), tl.reshape(h, [LANES]), inv_t)
             ds_s, ds_t, dg = _scaled_limits(dm_s, ds_s, dm_t, ds_t, dg, DENSE_S, DENSE_T, WITH_H)
-            m_s, s_s = dm_s, ds_s
+            # (a model not walked keeps empty columns: a top-k teacher's come from its entries
+            # below)
+            if DENSE_S:
+                m_s, s_s = dm_s, ds_s
             if DENSE_T:
                 m_t, s_t, g = dm_t, ds_t, dg
-            # (without a dense teacher its columns stay empty: a top-k teacher's come from its
-            # entries below)
             bad = bad | (tl.max(bad_lanes, axis=0) > 0)
             bad = bad | (tl.max(((lane_group < 0) | (lane_group >= G)).to(tl.int32), axis=0) > 0)
         elif ORDER:
