@@ -63,8 +63,8 @@ KNOWN_OVER_BUDGET: Dict[tuple, str] = {
               "and element). For groups that are ranges (the 'ranges' rows), or that gather "
               "cheaply (the 'ordered' rows), or are interleaved finer (the window walk, the "
               "'ORDER=4' rows: 47.8 at G = 32) the launcher takes a walk flat in G; the CLASS "
-              "walk is left for finely interleaved groups with class weights or a restricted "
-              "top-k teacher, and for calls without a plan (torch.compile's graphs)",
+              "walk is left for calls without a plan (torch.compile's graphs), Triton 3.3 "
+              "and older, and class weights with interleaved groups (no public loss)",
 }
 
 
@@ -640,8 +640,8 @@ instructions per class are those per slot over the share of slots that hold a cl
 share of groups drawn at random over the situation's 32768 classes (0.80 at G = 32; 0.54
 at G = 100). Known miss (see `KNOWN_OVER_BUDGET`): the CLASS walk at G = 17..32 (about
 4 G + 20 per chunk of 16 groups, each chunk reading the row), now taken for finely
-interleaved groups only where the window walk does not apply (class weights, a restricted
-top-k teacher, no plan: graphs traced by `torch.compile`). Known spills (see `KNOWN_SPILLS`), 8
+interleaved groups only where the window walk does not apply (no plan: graphs traced by
+`torch.compile`; Triton 3.3 and older; class weights). Known spills (see `KNOWN_SPILLS`), 8
 bytes of stack each: sm_90 at exactly 16 groups (and sm_80 there with the compact ids);
 sm_80 at 4 groups and sm_100 at 2 groups (one reload per iteration of the main loop, since
 each unit is its own load); sm_80's window walk with a top-k teacher (once, outside the
