@@ -81,6 +81,8 @@ top-k index outside ``[-1, V)`` or repeated, a target outside its range) never r
 addresses are clamped and the row's state becomes NaN. Every cross-row and cross-lane sum runs
 in a fixed order: reruns are bit-identical.
 """
+import re
+
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -123,15 +125,8 @@ HAS_GATHER = hasattr(tl, "gather")
 
 def _release(version: str):
     """``(major, minor)`` of a version string (``"3.4.0"``, ``"3.6.0+git1234"``)."""
-    numbers = []
-    for part in version.split(".")[:2]:
-        digits = ""
-        for ch in part:
-            if not ch.isdigit():
-                break
-            digits += ch
-        numbers.append(int(digits or 0))
-    return tuple(numbers)
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 WINDOW_WALK = HAS_GATHER and _release(triton.__version__) >= (3, 4)
