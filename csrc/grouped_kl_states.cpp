@@ -887,8 +887,14 @@ void two_pass(int G, Models models, const double* student_ref, const Source& sou
     t.s_t[k] += e_t;
     if (!student) return;
     if (a != -kInf) {
-      const double reference_s = student_ref != nullptr ? student_ref[k] : ref(t.m_s[k]);
-      const double delta = d - (ref(t.m_t[k]) - reference_s);
+      // With this pass's own student sums, delta takes the logits' exact difference d (the KL
+      // below is then formed from delta alone). With the student's sums and maxima from
+      // another pass (student_ref), g must use the values those sums used, a and b as
+      // rounded: an exact d against references from rounded values is off by the rounding of
+      // a / T (|a| * 6e-8), which no later term cancels (a one-class group's g was not 0).
+      const double delta = student_ref != nullptr
+                               ? (a - ref(t.m_t[k])) - (b - student_ref[k])
+                               : d - (ref(t.m_t[k]) - ref(t.m_s[k]));
       t.g[k] += e_t * delta;
       // h (and rest) serve the KL formed below, from this pass's own student sums only.
       if (own_student) t.h[k] += e_t * (std::expm1(-delta) + delta);

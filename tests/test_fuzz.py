@@ -1,8 +1,10 @@
 """Differential fuzzing: every loss on every backend against the reference in float64.
 
-Hypothesis draws random shapes, groups (empty ones included), temperatures 0.05-20, logit
+Hypothesis draws random shapes, groups (up to 40, empty ones included, in six layouts: drawn
+at random, ranges ascending or descending, ``c % G``, runs), temperatures 0.05-20, logit
 scales up to 1e3, confident teachers (gaps up to 200 below the head), masks, sample weights,
-targets with ignore_index rows, top-k teachers, dtypes and non-contiguous layouts. The oracle
+targets with ignore_index rows, top-k teachers, dtypes and non-contiguous layouts; Triton runs
+also draw the V-slices per row (forced splits) and the states walk (forced walks). The oracle
 is :mod:`ltkd_kernels.reference` in float64; the tolerance is the dtype's own: a backend may
 be off from float64 by twice what the float32 reference is, plus 1e-5 relative (STYLE's rule
 ``|kernel - ref64| <= |torch_same_dtype - ref64| + tol``).
@@ -11,6 +13,7 @@ Profiles (tests/conftest.py): ``ci`` (the default: a fixed seed, a few hundred e
 all, well under three minutes) and ``long`` (``pytest tests/test_fuzz.py
 --hypothesis-profile=long``: 10^4 examples per backend, 10^3 for the Triton interpreter).
 """
+import contextlib
 import math
 
 import pytest
@@ -31,7 +34,9 @@ def problems(draw, max_rows=6, max_vocab=300):
     loss = draw(st.sampled_from(LOSSES))
     rows = draw(st.integers(1, max_rows))
     vocab = draw(st.integers(2 if loss.startswith(("dkd", "topk")) else 1, max_vocab))
-    num_groups = draw(st.integers(1, 8))
+    # Up to 8 groups mostly; up to 40 at times (the CLASS walk's chunks of 16, the window walk)
+    num_groups = draw(st.one_of(st.integers(1, 8), st.integers(9, 40)))
+    layout = draw(st.sampled_from(GROUP_LAYOUTS))
     temperature = 1.0 if loss == "topk_bucket" else math.exp(draw(st.floats(math.log(0.05), math.log(20.0))))
     scale = 10 ** draw(st.floats(-3, 3))
     gap = draw(st.sampled_from([0.0, 0.0, 30.0, 90.0, 200.0]))
@@ -40,7 +45,7 @@ def problems(draw, max_rows=6, max_vocab=300):
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(rows, vocab, generator=g) * scale
     teacher = torch.randn(rows, vocab, generator=g) * scale
-    groups = torch.randint(num_groups, (vocab,), generator=g)
+    groups = _group_ids(layout, vocab, num_groups, g)
     if gap:  # a confident teacher: some groups far below the head
         far = groups >= max(1, num_groups // 2)
         teacher = teacher - gap * temperature * far.float()
@@ -59,7 +64,36 @@ def problems(draw, max_rows=6, max_vocab=300):
     return dict(loss=loss, student=student.to(dtype), teacher=teacher.to(dtype), groups=groups,
                 num_groups=num_groups, temperature=temperature, target=target,
                 weight=torch.rand(vocab, generator=g) + 0.01, options=options, strided=strided,
-                k=draw(st.integers(1, vocab)))
+                k=draw(st.integers(1, vocab)), layout=layout,
+                splits=draw(st.sampled_from([None, None, 2, 3, 7])),
+                walk=draw(st.sampled_from(WALKS[layout])))
+
+
+# How the classes fall into groups: each layout takes another walk of the Triton states kernel
+# (ltkd_kernels/triton/grouped_kl.py, ``_class_order``): drawn at random (the CLASS, ordered or
+# window walk), each group one range of classes ascending or descending (the ranges walk),
+# class by class ``c % G`` (the window walk), runs of random length (the ordered walk).
+GROUP_LAYOUTS = ("random", "random", "ranges", "ranges_desc", "interleaved", "runs")
+# The walks a Triton run may be forced to (None: the launcher's rule); "ranges" only where
+# every group is one range (elsewhere it gives NaN rows by design).
+WALKS = {layout: (None, None, "class", "ordered", "windows") for layout in GROUP_LAYOUTS}
+WALKS.update(ranges=(None, None, "class", "ordered", "windows", "ranges"),
+             ranges_desc=(None, None, "class", "ordered", "windows", "ranges"))
+
+
+def _group_ids(layout, vocab, num_groups, g):
+    """``(V,)`` int64 group ids in ``[0, num_groups)`` laid out as ``layout`` (some groups
+    may be empty in every layout)."""
+    if layout == "random":
+        return torch.randint(num_groups, (vocab,), generator=g)
+    if layout in ("ranges", "ranges_desc"):
+        ids = torch.randint(num_groups, (vocab,), generator=g).sort().values
+        return ids.flip(0) if layout == "ranges_desc" else ids
+    if layout == "interleaved":
+        return torch.arange(vocab) % num_groups
+    lengths = torch.randint(1, 24, (vocab,), generator=g)  # runs of 1..23 classes
+    run_ids = torch.randint(num_groups, (vocab,), generator=g)
+    return run_ids.repeat_interleave(lengths)[:vocab]
 
 
 def _call(problem, student, teacher, backend):
@@ -111,8 +145,14 @@ def _run(problem, backend, dtype=None):
     if problem["strided"] and dtype is None:
         student = torch.cat([student, student], -1)[:, : student.shape[-1]]  # row stride 2V
     s = student.detach().clone().requires_grad_() if not problem["strided"] else student.detach().requires_grad_()
-    out = _call(problem, s, teacher, backend)
-    out.sum().backward() if out.dim() else out.backward()
+    forced = contextlib.ExitStack()
+    if backend == "triton":  # the drawn V-slices per row and states walk
+        from ltkd_kernels.triton import grouped_kl as triton_ops
+        forced.enter_context(triton_ops.forced_splits(problem["splits"]))
+        forced.enter_context(triton_ops.forced_walk(problem["walk"]))
+    with forced:
+        out = _call(problem, s, teacher, backend)
+        out.sum().backward() if out.dim() else out.backward()
     return out.detach().double(), s.grad.double()
 
 

@@ -189,3 +189,33 @@ def test_group_helpers_ignore_the_default_device(as_list):
     for value, reference in zip(got, expected):
         assert value.device.type == "cpu"
         torch.testing.assert_close(value, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.135, 0.5])
+@with_backends()
+def test_renormalized_topk_teacher_at_low_temperature(temperature, backend):
+    """8. With a renormalized top-k teacher the C++ gap of each group mixed the exact logit
+    difference with maxima of the rounded ``lp / T``: off by ``|lp / T| * 6e-8`` per entry, a
+    one-class group's gap was 1.3e-6 instead of 0, and LTKD with its group masses (9 groups,
+    T = 0.135, logits of size 0.01) was 2.8e-5 off in relative terms against 1.1e-6 for the
+    float32 reference (found by the differential fuzz, 2026-11-28)."""
+    g = torch.Generator().manual_seed(11)
+    vocab, rows, num_groups = 32, 3, 9
+    student = 0.01 * torch.randn(rows, vocab, generator=g)
+    dense = 0.01 * torch.randn(rows, vocab, generator=g)
+    groups = torch.randint(num_groups, (vocab,), generator=g)
+    groups[:2] = torch.tensor([num_groups, num_groups + 1])  # two one-class groups
+    num_groups += 2
+    errors = {}
+    for k in (vocab, vocab // 2):
+        teacher = lk.topk_teacher(dense, k, groups=groups, num_groups=num_groups,
+                                  temperature=temperature)
+        teacher64 = lk.TopKTeacher(teacher.indices, teacher.logprobs.double(), teacher.rest,
+                                   teacher.group_logmass.double())
+        rows64 = lk.ltkd_loss(student.double(), teacher64, groups, num_groups,
+                              temperature=temperature, reduction="none", backend="torch")
+        for name in (backend, "torch"):
+            got = lk.ltkd_loss(student, teacher, groups, num_groups, temperature=temperature,
+                               reduction="none", backend=name)
+            errors[name] = ((got.double() - rows64).abs() / rows64.abs()).max().item()
+        assert errors[backend] <= 2 * errors["torch"] + 2e-6, (k, errors)
