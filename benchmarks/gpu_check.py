@@ -13,7 +13,9 @@ network: run it from the repository root, or with the repository on ``PYTHONPATH
    plots): ``lm`` (every loss, this package's Triton kernels, the papers' eager code,
    ``torch.compile`` of it, Liger-Kernel where importable, at N = 4096, V = 128256 and
    N = 64, V = 256000, bfloat16: fraction of the HBM floor 5 N V 2 bytes / measured copy
-   bandwidth, x eager, x compile), ``groups`` (LTKD with 8 and 32 groups through the walks
+   bandwidth, x eager, x compile), ``split`` (``benchmarks.split_probe`` at N = 64,
+   V = 256000: V-slices per row x software-pipelined walks, and each kernel's device time:
+   ``OUT_DIR/split_probe.json``), ``groups`` (LTKD with 8 and 32 groups through the walks
    of the states kernel, groups as ranges and drawn at random), ``launches``, ``topk``,
    ``srw``;
 3. ``OUT_DIR/gpu_check.json`` and ``OUT_DIR/summary.md``: versions, GPU, copy bandwidth, the
@@ -40,7 +42,7 @@ import xml.etree.ElementTree as ElementTree
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ("lm", "groups", "launches", "topk", "srw")
+CASES = ("lm", "split", "groups", "launches", "topk", "srw")
 CASE_RESERVE_S = 40  # a case is started only with at least this much of the time limit left
 # torch.compile is timed for the problems that start this many seconds before the time limit
 # or earlier: the lm case comes first and its compile columns are the issue's comparison (on
@@ -160,7 +162,11 @@ def run_benchmarks(args, deadline: float, device: str) -> Dict:
     known = harness.registry.load()
     report = dict(cases={}, copy_bandwidth_gb_per_s=runner.state["bandwidth"])
     for name in args.cases:
-        if name not in known:
+        if name == "split" and deadline - time.monotonic() >= CASE_RESERVE_S:
+            report["cases"][name] = run_split_probe(args.out_dir, device, args.cpu_smoke)
+        elif name == "split":
+            report["cases"][name] = dict(status="skipped: time limit")
+        elif name not in known:
             report["cases"][name] = dict(status="unknown case")
         elif deadline - time.monotonic() < CASE_RESERVE_S:
             report["cases"][name] = dict(status="skipped: time limit")
@@ -175,6 +181,24 @@ def run_benchmarks(args, deadline: float, device: str) -> Dict:
             if name == "lm" and done is not None:
                 report["headline"] = headline(done[0])
     return report
+
+
+def run_split_probe(out_dir: str, device: str, smoke: bool = False) -> Dict:
+    """``benchmarks.split_probe`` at N = 64, V = 256000: V-slices x software pipelining, and
+    each kernel's device time (``OUT_DIR/split_probe.json``; docs/design.md, "Few rows")."""
+    from . import split_probe
+
+    path = os.path.join(out_dir, "split_probe.json")
+    argv = ["--device", device, "--out", path, "--splits", "rule,2", "--stages", "1,3"]
+    argv += ["--sizes", "2x300", "--reps", "1"] if smoke else ["--sizes", "64x256000",
+                                                                "--reps", "20"]
+    start = time.monotonic()
+    try:
+        split_probe.main(argv)
+        status = "ran"
+    except Exception as error:  # a failed probe leaves the other cases to run
+        status = f"FAILED: {type(error).__name__}: {str(error)[:300]}"
+    return dict(status=status, seconds=round(time.monotonic() - start, 1))
 
 
 def headline(rows: List[Dict]) -> List[Dict]:

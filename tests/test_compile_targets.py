@@ -101,6 +101,9 @@ def states_budget(groups: int) -> Optional[float]:
 
 
 GRAD_BUDGET = 55.0
+# Shared memory a launch may ask for and keep two blocks resident per SM (half of what one SM
+# gives a block: 164 KB on sm_80, 228 KB on sm_90 and sm_100, less 1 KB reserved per block).
+SHARED_BUDGET = {80: 81 * 1024, 90: 113 * 1024, 100: 113 * 1024}
 
 # Documented exceptions to "no local memory": (kernel, arch, config text fragment) -> why.
 KNOWN_SPILLS: Dict[tuple, str] = {
@@ -156,10 +159,11 @@ def _situations():
     def case(cfg, dtype=torch.bfloat16, teacher_dtype=None, topk=0, groups_dtype=torch.int32,
              target=False, mask=None, cw=False, sw=False, glm=False, student=True, n=rows,
              teacher=True, reductions=(REDUCE_MEAN,), partial=False, bp=False, num_items=False,
-             grad=True, ordered=False, ranges=False, windows=False):
+             grad=True, ordered=False, ranges=False, windows=False, stages=None):
         def run():
             with ops.forced_walk("windows" if windows else "ranges" if ranges
-                                 else "ordered" if ordered else "class"):
+                                 else "ordered" if ordered else "class"), \
+                    ops.forced_stages(stages):
                 walk()
 
         def walk():
@@ -247,6 +251,11 @@ def _situations():
         ("topk renormalize ltkd G=32, windows", 32,
          case(ltkd._replace(num_groups=32, topk_rule=TOPK_RENORMALIZE), topk=64, windows=True)),
         ("ltkd bf16 G=3, 8 rows (V-split)", 3, case(ltkd, n=8)),
+        # Software-pipelined walks (forced_stages: no rule takes them yet; benchmarks.split_probe
+        # times them on a GPU)
+        ("kd bf16, 8 rows (V-split), 3 stages", 1, case(kd, n=8, stages=3)),
+        ("ltkd bf16 G=3, 8 rows (V-split), 3 stages", 3, case(ltkd, n=8, stages=3)),
+        ("ltkd bf16 G=3, ranges, 8 rows, 3 stages", 3, case(ltkd, n=8, ranges=True, stages=3)),
         ("ltkd bf16 G=3, teacher only", 3, case(ltkd, student=False, grad=False)),
         ("kd bf16 student only (group logsumexp)", 1, case(kd, teacher=False, grad=False)),
         ("topk renormalize ltkd G=3, group_logmass", 3,
@@ -302,7 +311,7 @@ CORE_SITUATIONS = frozenset({
     "kd bf16", "kd fp32", "kd bf16 T=1 + CE, bool mask",
     "bkd bf16 CE, class weights, int mask, sample weights", "dkd bf16", "ltkd bf16 G=3",
     "ltkd bf16 G=8", "ltkd bf16 G=32, ordered", "ltkd bf16 G=3, 8 rows (V-split)",
-    "ltkd bf16 G=3, ranges", "ltkd bf16 G=32, windows",
+    "ltkd bf16 G=3, ranges", "ltkd bf16 G=32, windows", "kd bf16, 8 rows (V-split), 3 stages",
     "topk bucket kd",
     "topk renormalize ltkd G=3, group_logmass", "srw bf16 D=256", "srw fp16 D=768 mask"})
 CORE_ARCHS = (80, 90)
@@ -427,7 +436,10 @@ def compile_one(fn, args, kwargs, arch) -> dict:
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.time() - t0
     metrics = _cubin_metrics(compiled.asm["cubin"])
-    return dict(metrics, num_warps=options.get("num_warps", 4), seconds=round(seconds, 2))
+    # (the shared memory a launch asks for: the kernel's scratch and pipeline buffers; the
+    # cubin's own count is the static part only)
+    return dict(metrics, launch_shared=int(compiled.metadata.shared),
+                num_warps=options.get("num_warps", 4), seconds=round(seconds, 2))
 
 
 def _metrics_dir() -> Path:
@@ -549,7 +561,8 @@ def _config_text(kernel, v) -> str:
     # The walk through the class order: gathered (ORDER) or each group one range (ORDER=2; 3:
     # with int8 ids checked four at a time).
     order = {1: ["ORDER"], 2: ["ORDER=2"], 3: ["ORDER=3"], 4: ["ORDER=4"]}.get(v.get("ORDER"), [])
-    return " ".join([f"{k}={v[k]}" for k in keys] + flags + order + tail
+    staged = [f"STAGES={v['STAGES']}"] if v.get("STAGES", 1) > 1 else []
+    return " ".join([f"{k}={v[k]}" for k in keys] + flags + order + tail + staged
                     + [f"w{v.get('num_warps', 4)}"])
 
 
@@ -562,6 +575,9 @@ def _judge(row):
     row["reg_budget"] = budget_regs
     if row["regs"] > budget_regs:
         problems.append(f"{row['regs']} registers > {budget_regs}")
+    if row["launch_shared"] > SHARED_BUDGET.get(row["arch"], SHARED_BUDGET[80]):
+        problems.append(f"{row['launch_shared']} B of shared memory > "
+                        f"{SHARED_BUDGET.get(row['arch'], SHARED_BUDGET[80])}")
     known_spill = next((why for (kernel, arch, fragment), why in KNOWN_SPILLS.items()
                         if row["kernel"] == kernel and row["arch"] == arch
                         and fragment in row["config"] + " "), None)
@@ -606,7 +622,7 @@ def format_table(rows: List[dict], archs=ARCHS) -> str:
             pe += f" ({r['budget']:g})"
         lines.append(f"| {r['kernel'].replace('grouped_kl_', '').replace('_kernel', '')} | "
                      f"{r['situation']} | sm_{r['arch']} | {r['config']} | {r['regs']} "
-                     f"({r['reg_budget']}) | {r['local']}/{r['stack']} | {r['shared']} | "
+                     f"({r['reg_budget']}) | {r['local']}/{r['stack']} | {r['launch_shared']} | "
                      f"{'' if r['loop'] is None else r['loop']} | {pe} | {r['status']} |")
     return "\n".join(lines)
 
@@ -621,7 +637,10 @@ the situations of `tests/test_compile_targets.py`, per target. `instr/elem`: sta
 instructions of the main vocabulary loop (innermost loop with a global load, found by its
 backward branch) divided by the classes one thread takes per iteration, times the number of
 group chunks that read the row; budgets (sm_90): forward 40 (G <= 3), 60 (G <= 8), 120
-(G <= 32); gradient 55. Registers: budget for two resident blocks per SM. Compile time of the
+(G <= 32); gradient 55. Registers: budget for two resident blocks per SM. `smem`: the shared
+memory a launch asks for (the kernel's scratch and, with `STAGES`, its pipeline buffers; since
+2026-11-28, before which the column held the cubin's static count), within half an SM's for
+two resident blocks (81 KB on sm_80, 113 KB on sm_90 and sm_100). Compile time of the
 table: {seconds:.0f} s (2 processes; cached kernels reused).
 
 Before (the two-op kernels this replaced, same count, from the issue): forward 66 (G = 1), 189
@@ -645,7 +664,9 @@ interleaved groups only where the window walk does not apply (no plan: graphs tr
 bytes of stack each: sm_90 at exactly 16 groups (and sm_80 there with the compact ids);
 sm_80 at 4 groups and sm_100 at 2 groups (one reload per iteration of the main loop, since
 each unit is its own load); sm_80's window walk with a top-k teacher (once, outside the
-loop). The sm_80 spill of 16-group chunks before 2026-11-27 is gone.
+loop). The sm_80 spill of 16-group chunks before 2026-11-27 is gone. Rows marked `STAGES=3`
+(since 2026-11-28): the walks' loops software-pipelined by the compiler, which
+`forced_stages` asks for and no rule yet takes (docs/design.md, "Few rows").
 
 The situations take 1024 rows of 32768 classes unless their label says otherwise: from 8 rows
 and 2^20 elements the launchers read the group ids as an int8 copy (`VEC=8` for bf16 logits)

@@ -103,6 +103,24 @@ def test_triton_cuda_matches_reference(loss, dtype, vocab):
     assert _rel(grad, expected_grad) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_software_pipelined_walks_match_reference(loss, stages):
+    """The states and grad walks software-pipelined by the compiler (``forced_stages``: loads
+    through shared memory, which the interpreter cannot check; no rule takes it yet) at few
+    rows (V-slices) and at V = 256000 bf16, against the reference."""
+    from ltkd_kernels.triton import grouped_kl as ops
+
+    rows, vocab = 64, 256000
+    s, t = _logits(rows, vocab, torch.bfloat16)
+    fn = _call(loss, _constants(vocab, rows))
+    expected_value, expected_grad = _reference_step(fn, s, t)
+    with ops.forced_stages(stages):
+        value, grad = _step(fn, s, t, "triton")
+    assert _rel(value, expected_value) <= 1e-5
+    assert _rel(grad, expected_grad) <= 1e-2
+
+
 @pytest.mark.parametrize("layout", ["ranges", "reversed_ranges", "drawn"])
 @pytest.mark.parametrize("num_groups", [3, 8, 32, 300])
 def test_many_groups_ordered_and_class_walks(num_groups, layout):

@@ -329,18 +329,20 @@ def test_call_overhead_runs_under_the_interpreter(tmp_path):
 
 def test_split_probe_runs_under_the_interpreter(tmp_path):
     """``python -m benchmarks.split_probe`` (V-slices per row, made for a GPU), run as a smoke
-    test at a tiny size: the rule's count and a forced multiple, for KD and LTKD."""
+    test at a tiny size: the rule's count and a forced multiple, each with plain and
+    software-pipelined loops, for KD and LTKD."""
     out = tmp_path / "splits.json"
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.split_probe", "--device", "cpu", "--sizes", "2x300",
-         "--splits", "rule,2", "--reps", "1", "--out", str(out)],
+         "--splits", "rule,2", "--stages", "1,3", "--reps", "1", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["loss"], r["rule"]) for r in rows] == [("kd", True), ("kd", False),
-                                                       ("ltkd", True), ("ltkd", False)]
-    assert all(r["median_ms"] > 0 for r in rows) and rows[1]["splits"] == 2 * rows[0]["splits"]
+    assert [(r["loss"], r["rule"], r["stages"]) for r in rows] == [
+        (loss, rule, stages) for loss in ("kd", "ltkd") for rule in (True, False)
+        for stages in (1, 3)]
+    assert all(r["median_ms"] > 0 for r in rows) and rows[2]["splits"] == 2 * rows[0]["splits"]
 
 
 def test_gpu_check_without_cuda(tmp_path):
@@ -359,11 +361,13 @@ def test_gpu_check_without_cuda(tmp_path):
         assert report["status"] == "skipped"
     out = tmp_path / "smoke"
     run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", str(out), "--cpu-smoke",
-                          "--skip-tests", "--cases", "lm", "--providers", "torch"],
+                          "--skip-tests", "--cases", "lm,split", "--providers", "torch"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["status"] == "ok" and report["benchmarks"]["cases"]["lm"]["status"] == "ran"
+    assert report["benchmarks"]["cases"]["split"]["status"] == "ran"
+    assert len(json.loads((out / "split_probe.json").read_text())["rows"]) == 8
     assert {h["loss"] for h in report["benchmarks"]["headline"]} == {"ltkd", "kd", "dkd", "bkd"}
     # --providers reaches the harness: the smoke's default would time eager too
     assert all(set(h["medians_ms"]) == {"torch"} for h in report["benchmarks"]["headline"])

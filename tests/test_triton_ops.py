@@ -104,6 +104,21 @@ def test_forced_vocabulary_splits_match_torch(ops, name, splits):
     _assert_merged_is_unsplit(ops, inputs, cfg, state, extras)
 
 
+@pytest.mark.parametrize("walk", [None, "ranges", "ordered"])
+@pytest.mark.parametrize("name", ["kd", "ltkd", "dkd", "bkd_ce_ignore", "topk_ltkd"])
+def test_forced_stages_match_torch(ops, name, walk):
+    """The software-pipelined loops (``forced_stages``; what the compiler makes of them is
+    checked on a GPU, tests/test_gpu.py) take the same classes in the same order: states,
+    finish and grad against the torch form, with V-slices, every walk of the rule."""
+    inputs, cfg = make_op_inputs(_case(name), 2, 4321, torch.float32)
+    if walk is not None:
+        if cfg.group_rule != GROUP_CLASS:
+            pytest.skip("walks of the CLASS rule")
+        inputs["groups"] = torch.arange(4321) * cfg.num_groups // 4321  # ranges
+    with ops.forced_splits(2), ops.forced_stages(3), ops.forced_walk(walk):
+        _check_against_torch(ops, inputs, cfg)
+
+
 def _assert_merged_is_unsplit(ops, inputs, cfg, state, extras):
     """The merged state equals the unsplit one up to the order of the sums."""
     with ops.forced_splits(1):

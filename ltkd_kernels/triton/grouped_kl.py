@@ -121,6 +121,10 @@ split_override: Optional[int] = None
 # Forces the CLASS rule's walk (tests): "ordered", "ranges", "windows", "class", or None: the
 # rule above.
 walk_override: Optional[str] = None
+# Forces the software pipelining of the states and grad walks (benchmarks.split_probe, the GPU
+# tests): the compiler's ``num_stages`` of their unmasked loops; None: 1, plain loops. Not
+# taken by any rule yet: a measurement on a GPU decides (docs/design.md, "Few rows").
+stages_override: Optional[int] = None
 
 
 @contextlib.contextmanager
@@ -148,6 +152,23 @@ def forced_walk(name: Optional[str]) -> Iterator[None]:
         yield
     finally:
         walk_override = previous
+
+
+@contextlib.contextmanager
+def forced_stages(count: Optional[int]) -> Iterator[None]:
+    """``with forced_stages(3): ...`` software-pipelines the unmasked loops of the states and
+    grad kernels over 3 stages (the loads of the next two blocks in flight while one is
+    summed). The interpreter runs the same loops (it ignores the stages)."""
+    global stages_override
+    previous, stages_override = stages_override, count
+    try:
+        yield
+    finally:
+        stages_override = previous
+
+
+def _staged(meta: Dict) -> Dict:
+    return meta if stages_override is None else dict(meta, STAGES=max(1, int(stages_override)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,7 +327,7 @@ def states_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype
                 VEC=vec, UNROLL=unroll,
                 BLOCK_K=_pow2(max(topk_k, 1)), BLOCK_G=block_g, BAD_OR=bad_or,
                 PAIRS_S=pairs_s and (dense_s or ce_sep), PAIRS_T=pairs_t and dense_t,
-                CW_LOG=_cw_log_mode(cw_log), ORDER=order, LANES=LANES,
+                CW_LOG=_cw_log_mode(cw_log), ORDER=order, LANES=LANES, STAGES=1,
                 num_warps=NUM_WARPS), chunks
 
 
@@ -389,7 +410,7 @@ def grad_meta(cfg: GroupedKLConfig, student_dtype, teacher_dtype, groups_dtype, 
                 ONE_GROUP=cfg.num_groups == 1 and not has_glm and not bucket,
                 VEC=vec, UNROLL=max(1, CLASSES_PER_LANE // vec), LANES=LANES,
                 BLOCK_G=_pow2(cfg.num_groups),
-                BLOCK_K=_pow2(max(topk_k, 1)), CW_LOG=_cw_log_mode(cw_log),
+                BLOCK_K=_pow2(max(topk_k, 1)), CW_LOG=_cw_log_mode(cw_log), STAGES=1,
                 num_warps=NUM_WARPS,
                 # Without FMA contraction every pt (x / T - ref(m) first) is exactly 1 at a
                 # one-class group's maximum (the gradient's exact zeros of the torch form).
@@ -470,6 +491,7 @@ def states(student, teacher, topk_indices, topk_logprobs, groups, target, class_
                                mask is not None, k, _pairs(student), _pairs(teacher),
                                order is not None, cw_log=cw_log, ranges=walk == "ranges",
                                packed_ids=_packed_ids(groups), windows=walk == "windows")
+    meta = _staged(meta)
     if not meta["ORDER"]:
         order = None
     if meta["ORDER"] == 4:
@@ -554,6 +576,7 @@ def grad(student, teacher, topk_indices, topk_logprobs, groups, target, class_we
     meta = grad_meta(cfg, student.dtype, _dtype(teacher), _dtype(groups), _dtype(class_weight),
                      has_topk, target is not None, mask is not None, sample_weight is not None,
                      group_logmass is not None, k, cw_log=cw_log)
+    meta = _staged(meta)
     block = LANES * meta["VEC"] * meta["UNROLL"]
     num_splits, slice_len = _splits(rows, vocab, block, student.device)
     class_walk = cfg.group_rule == GROUP_CLASS and not (has_topk and cfg.topk_rule == TOPK_BUCKET)
@@ -585,6 +608,6 @@ def loss_forward(student, teacher, topk_indices, topk_logprobs, groups, target, 
 
 
 __all__ = ["states", "finish", "grad", "loss_forward", "compact_ids", "forced_splits",
-           "split_override",
+           "split_override", "forced_stages", "stages_override",
            "forced_walk", "walk_override",
            "states_meta", "finish_meta", "grad_meta", "merge_meta"]

@@ -887,7 +887,7 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
                 EXCL: tl.constexpr, BAD_OR: tl.constexpr, PAIRS_S: tl.constexpr,
                 PAIRS_T: tl.constexpr, CW_LOG: tl.constexpr, ORDER: tl.constexpr,
                 GC: tl.constexpr, G_LIVE: tl.constexpr, VEC: tl.constexpr,
-                UNROLL: tl.constexpr, LANES: tl.constexpr):
+                UNROLL: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr = 1):
     """Walk classes ``[lo, hi)``: full blocks of ``LANES * VEC * UNROLL`` unmasked, then the
     remainder one masked ``[LANES, VEC]`` sub-tile at a time. With excluded classes (``EXCL``:
     positions ``p0 .. pend`` of an ascending list), the full blocks holding one are left out of
@@ -895,8 +895,10 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
     (one group's classes, see :func:`_load_tile`); for a group that is one range of classes
     (``ORDER >= 2``: ``[lo, hi)`` are its classes) the range starts anywhere, so the classes
     up to the next multiple of ``LANES * VEC`` are one masked sub-tile first, and the fast
-    loop's loads stay aligned. Returns the lane state (see
-    :func:`_dense_step`)."""
+    loop's loads stay aligned. ``STAGES > 1``: the unmasked loop software-pipelined by the
+    compiler (``tl.range(num_stages=STAGES)``: the next blocks' loads in flight through
+    shared memory while a block is summed; see :func:`grouped_kl_states_kernel`). Returns the
+    lane state (see :func:`_dense_step`)."""
     SUB: tl.constexpr = LANES * VEC
     BLOCK: tl.constexpr = SUB * UNROLL
     E: tl.constexpr = VEC * UNROLL
@@ -947,7 +949,14 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
         # (Non-negative: divided as unsigned, a shift without a sign fix-up to keep alive.)
         nfull = ((hi - lo).to(tl.uint32) // BLOCK).to(tl.int32)
     p = p0
-    if EXCL == 0:
+    if EXCL == 0 and STAGES > 1:
+        for i in tl.range(0, nfull, num_stages=STAGES):
+            mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
+                srow, trow, groups_ptr, order_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3,
+                no_ex, mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
+                inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT,
+                SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, CW_LOG, ORDER, E)
+    elif EXCL == 0:
         for i in range(0, nfull):
             mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
                 srow, trow, groups_ptr, order_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3,
@@ -1359,6 +1368,8 @@ def grouped_kl_states_kernel(
                                 #   3: the same, int8 ids checked four at a time); 4: the
                                 #   window walk (every lane one group)
     LANES: tl.constexpr,        # 32 * num_warps: one lane per thread
+    STAGES: tl.constexpr,       # > 1: the unmasked walks software-pipelined (loads in flight
+                                #   through shared memory); 1: plain loops
 ):
     """Op 1 on one (row, V-slice, chunk of groups): the slice's per-group state and extras.
 
@@ -1478,7 +1489,7 @@ def grouped_kl_states_kernel(
                         srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, glo, ghi, t_local,
                         p0, pend, k, G, inv_t, no_ref, no_ref, False, DENSE_S, DENSE_T, WITH_H,
                         HAS_CW, CE_SEP, False, False, 0, False, PAIRS_S, PAIRS_T, CW_LOG, ORDER,
-                        1, 1, VEC, UNROLL, LANES)
+                        1, 1, VEC, UNROLL, LANES, STAGES)
                     bad_lanes = bad_lanes | bad_k
                     dm_s, ds_s, dm_t, ds_t, dg, raw_s, raw_t, redo = _merge_lanes(
                         mS, mT, sS, sT, h, LX, LT, inv_t, False, DENSE_S, DENSE_T, WITH_H, HAS_CW)
@@ -1501,7 +1512,7 @@ def grouped_kl_states_kernel(
                 srow, trow, groups_ptr, order_ptr, cw_ptr, excl_row, lo, hi, t_local, p0, pend,
                 gbase, G, inv_t, no_ref, no_ref, CLASS_WALK, DENSE_S, DENSE_T, WITH_H, HAS_CW,
                 CE_SEP, False, SHARED_WALK, EXCL, BAD_OR, PAIRS_S, PAIRS_T, CW_LOG, False, GC,
-                G_LIVE, VEC, UNROLL, LANES)
+                G_LIVE, VEC, UNROLL, LANES, STAGES)
             if BAD_OR:
                 bad = bad | (tl.max(bad_gid, axis=0).to(tl.uint32, bitcast=True) >= G)
             else:
@@ -2219,6 +2230,7 @@ def grouped_kl_grad_kernel(
     BLOCK_G: tl.constexpr,      # power of two >= G
     BLOCK_K: tl.constexpr,      # power of two >= K
     CW_LOG: tl.constexpr,       # class weights: 0 tl.log, 1 hardware log, 2 given as logs
+    STAGES: tl.constexpr,       # > 1: the unmasked walk software-pipelined; 1: a plain loop
 ):
     """Op 3 on one (row, V-slice): the row's coefficients from its state (and ``saved``,
     the upstream gradient), then one walk writing ``d loss / d x_i``, then the classes whose
@@ -2357,10 +2369,18 @@ def grouped_kl_grad_kernel(
             wTn = tl.sum(tl.where(last, nT, 0.0), axis=0)
             wT1 = tl.sum(tl.where(last, c2, 0.0), axis=0)
         nfull = ((hi - lo).to(tl.uint32) // BLOCK).to(tl.int32)
-        for i in range(0, nfull):
-            _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + i * BLOCK, hi,
-                       lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
-                       DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, False, CW_LOG, VEC, UNROLL, LANES)
+        if STAGES > 1:
+            for i in tl.range(0, nfull, num_stages=STAGES):
+                _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + i * BLOCK, hi,
+                           lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
+                           DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, False, CW_LOG, VEC, UNROLL,
+                           LANES)
+        else:
+            for i in range(0, nfull):
+                _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + i * BLOCK, hi,
+                           lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
+                           DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, False, CW_LOG, VEC, UNROLL,
+                           LANES)
         if lo + nfull * BLOCK < hi:
             _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + nfull * BLOCK, hi,
                        lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
