@@ -949,15 +949,9 @@ def _dense_pass(srow, trow, groups_ptr, order_ptr, cw_ptr, excl_ptr, lo, hi, t_l
         # (Non-negative: divided as unsigned, a shift without a sign fix-up to keep alive.)
         nfull = ((hi - lo).to(tl.uint32) // BLOCK).to(tl.int32)
     p = p0
-    if EXCL == 0 and STAGES > 1:
+    if EXCL == 0:
+        # (num_stages=1: the plain loop, the same code as range())
         for i in tl.range(0, nfull, num_stages=STAGES):
-            mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
-                srow, trow, groups_ptr, order_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3,
-                no_ex, mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
-                inv_t, c_s, c_t, refS, refT, CLASS, DENSE_S, DENSE_T, WITH_H, HAS_CW, CE_SEP, EXACT,
-                SHARED, False, EXCL, False, BAD_OR, PAIRS_S, PAIRS_T, CW_LOG, ORDER, E)
-    elif EXCL == 0:
-        for i in range(0, nfull):
             mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice = _dense_step(
                 srow, trow, groups_ptr, order_ptr, cw_ptr, lo + i * BLOCK, hi, offs3, pair3,
                 no_ex, mS, mT, sS, sT, h, LX, LT, LA, sX, bad, seen, twice, gk, live, G, gbase,
@@ -2369,18 +2363,11 @@ def grouped_kl_grad_kernel(
             wTn = tl.sum(tl.where(last, nT, 0.0), axis=0)
             wT1 = tl.sum(tl.where(last, c2, 0.0), axis=0)
         nfull = ((hi - lo).to(tl.uint32) // BLOCK).to(tl.int32)
-        if STAGES > 1:
-            for i in tl.range(0, nfull, num_stages=STAGES):
-                _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + i * BLOCK, hi,
-                           lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
-                           DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, False, CW_LOG, VEC, UNROLL,
-                           LANES)
-        else:
-            for i in range(0, nfull):
-                _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + i * BLOCK, hi,
-                           lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
-                           DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, False, CW_LOG, VEC, UNROLL,
-                           LANES)
+        # (num_stages=1: the plain loop, the same code as range())
+        for i in tl.range(0, nfull, num_stages=STAGES):
+            _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + i * BLOCK, hi,
+                       lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
+                       DENSE_T, TOPK, HAS_CW, WITH_CE, CLASS, False, CW_LOG, VEC, UNROLL, LANES)
         if lo + nfull * BLOCK < hi:
             _grad_step(srow, trow, groups_ptr, cw_ptr, grow, table_row, lo + nfull * BLOCK, hi,
                        lane_offs, G, wSr, wSn, wS1, wTr, wTn, wT1, rX, nX, cX, inv_t,
