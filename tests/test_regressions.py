@@ -219,3 +219,21 @@ def test_renormalized_topk_teacher_at_low_temperature(temperature, backend):
                                reduction="none", backend=name)
             errors[name] = ((got.double() - rows64).abs() / rows64.abs()).max().item()
         assert errors[backend] <= 2 * errors["torch"] + 2e-6, (k, errors)
+
+
+@with_backends()
+@pytest.mark.parametrize("temperature", [0.3, 2.8045693562372267])
+def test_group_logsumexp_gradient_at_large_scaled_logits(temperature, backend):
+    """9. ``group_logsumexp``'s backward divided the logits by T where the kernels' forward
+    multiplies them by 1 / T: 1 ulp apart, so at ``|z / T| ~ 2e5`` a one-class group's
+    within-group probability ``exp(b - lse)`` was 1.016 instead of 1 (0.998 at T = 2.8),
+    on the C++ and Triton backends (found by a fuzz of group_logsumexp, 2026-11-28)."""
+    logits = torch.tensor([[-60000.0, 3.0, -2.0], [5.0e4, 1.0, 2.0]])
+    groups = torch.tensor([0, 1, 1])
+    x = logits.clone().requires_grad_()
+    lse = lk.group_logsumexp(x, groups, 2, temperature=temperature, backend=backend)
+    lse.sum().backward()
+    x64 = logits.double().requires_grad_()
+    lk.group_logsumexp(x64, groups, 2, temperature=temperature, backend="torch").sum().backward()
+    # (the one-class group's gradient is 1 / T exactly up to float32's 1 / T)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=0)

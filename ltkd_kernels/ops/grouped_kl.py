@@ -321,7 +321,9 @@ class GroupLogSumExp(torch.autograd.Function):
     def backward(ctx, grad_lse):
         logits, groups, lse = ctx.saved_tensors
         index = groups.long().clamp(0, lse.shape[1] - 1).unsqueeze(0).expand(logits.shape[0], -1)
-        b = logits.float() / ctx.temperature
+        # b as the kernels form it (times 1 / T in float32, not divided by T: 1 ulp apart,
+        # which at |z / T| ~ 2e5 moved a one-class group's exp(b - lse) from 1 to 1.016)
+        b = logits.float() * (1.0 / ctx.temperature)
         within = torch.exp(b - lse.gather(1, index))
         within = torch.where(b == float("-inf"), torch.zeros_like(within), within)
         grad = grad_lse.float().gather(1, index) * within / ctx.temperature
