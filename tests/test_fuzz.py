@@ -229,3 +229,73 @@ def test_fuzz_reference_float32_against_float64(problem):
     assert torch.equal(torch.isnan(loss32), torch.isnan(loss64))
     finite = torch.isfinite(loss64)
     assert bool(torch.isfinite(loss32[finite]).all())
+
+
+@st.composite
+def logsumexp_problems(draw, max_rows=5, max_vocab=400):
+    """A random ``group_logsumexp`` call: logits (with ``-inf`` classes at times), groups in
+    the layouts above, temperature, the upstream gradient, and (Triton) V-slices and walk."""
+    rows = draw(st.integers(1, max_rows))
+    vocab = draw(st.integers(1, max_vocab))
+    num_groups = draw(st.one_of(st.integers(1, 8), st.integers(9, 40)))
+    layout = draw(st.sampled_from(GROUP_LAYOUTS))
+    temperature = math.exp(draw(st.floats(math.log(0.05), math.log(20.0))))
+    scale = 10 ** draw(st.floats(-3, 3))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    if draw(st.booleans()):
+        logits[torch.rand(rows, vocab, generator=g) < 0.1] = float("-inf")
+    if dtype == torch.float16:
+        logits = logits.clamp(-6e4, 6e4)
+    return dict(logits=logits.to(dtype), groups=_group_ids(layout, vocab, num_groups, g),
+                num_groups=num_groups, temperature=temperature,
+                upstream=torch.randn(rows, num_groups, generator=g),
+                splits=draw(st.sampled_from([None, None, 2, 3, 7])),
+                walk=draw(st.sampled_from(WALKS[layout])))
+
+
+def _logsumexp_run(p, backend, dtype=None):
+    logits = (p["logits"] if dtype is None else p["logits"].to(dtype)).clone().requires_grad_()
+    forced = contextlib.ExitStack()
+    if backend == "triton":
+        from ltkd_kernels.triton import grouped_kl as triton_ops
+        forced.enter_context(triton_ops.forced_splits(p["splits"]))
+        forced.enter_context(triton_ops.forced_walk(p["walk"]))
+    with forced:
+        lse = lk.group_logsumexp(logits, p["groups"], p["num_groups"],
+                                 temperature=p["temperature"], backend=backend)
+        upstream = torch.where(torch.isfinite(lse), p["upstream"].to(lse.dtype), 0.0)
+        (lse.nan_to_num(0.0, 0.0, 0.0) * upstream).sum().backward()
+    return lse.detach().double(), logits.grad.double()
+
+
+def _check_logsumexp(p, backend):
+    lse64, grad64 = _logsumexp_run(p, "torch", torch.float64)
+    lse32, grad32 = _logsumexp_run(p, "torch", torch.float32)
+    lse, grad = _logsumexp_run(p, backend)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse64)), (lse, lse64)
+    finite = torch.isfinite(lse64)
+    logit_scale = float(p["logits"].float().abs().nan_to_num(0, 0, 0).max()) / p["temperature"]
+    err32 = (lse32 - lse64)[finite].abs()
+    bound = 2 * err32 + 1e-5 * lse64[finite].abs() + 1e-6 * (1 + logit_scale)
+    assert bool(((lse - lse64)[finite].abs() <= bound).all()), (lse, lse64)
+    rel = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[p["logits"].dtype]
+    error, error32 = (grad - grad64).norm(), (grad32 - grad64).norm()
+    assert error <= 2 * error32 + rel * grad64.norm() + 1e-12, \
+        f"gradient error {error:.3g} (fp32 reference {error32:.3g}, norm {grad64.norm():.3g})"
+
+
+@with_backends(("torch-ops", "cpu"))
+@settings(max_examples=EXAMPLES, **_SETTINGS)
+@given(problem=logsumexp_problems())
+def test_fuzz_group_logsumexp_against_float64(problem, backend):
+    """``group_logsumexp`` and its gradient (a fuzz of it found regression 9)."""
+    _check_logsumexp(problem, backend)
+
+
+@with_backends(("triton",))
+@settings(max_examples=max(EXAMPLES // 10, 20), **_SETTINGS)
+@given(problem=logsumexp_problems(max_rows=3, max_vocab=120))
+def test_fuzz_group_logsumexp_triton_against_float64(problem, backend):
+    _check_logsumexp(problem, backend)

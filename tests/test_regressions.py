@@ -237,3 +237,24 @@ def test_group_logsumexp_gradient_at_large_scaled_logits(temperature, backend):
     lk.group_logsumexp(x64, groups, 2, temperature=temperature, backend="torch").sum().backward()
     # (the one-class group's gradient is 1 / T exactly up to float32's 1 / T)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=0)
+
+
+@with_backends()
+def test_group_logsumexp_gradient_of_large_log_sum_exps(backend):
+    """10. ``group_logsumexp``'s backward took each class's probability as ``exp(b - lse)``
+    from the float32-rounded ``lse``: off by up to ``|lse| * 6e-8`` relative (here, lse ~ 404:
+    1.2e-5, the float32 reference 1e-7). It now takes ``exp((b - ref(m)) - log s)`` from the
+    state's reference and log-sum (found by the fuzz of group_logsumexp, 2026-11-28)."""
+    g = torch.Generator().manual_seed(1)
+    logits = 400.0 + 3.0 * torch.randn(4, 300, generator=g)  # |lse| ~ 404, many classes near it
+    groups = torch.randint(0, 3, (300,), generator=g)
+    upstream = torch.randn(4, 3, generator=g)
+    grads = {}
+    for name, dtype in ((backend, torch.float32), ("torch", torch.float32), ("torch", torch.float64)):
+        x = logits.to(dtype).clone().requires_grad_()
+        (lk.group_logsumexp(x, groups, 3, backend=name) * upstream.to(dtype)).sum().backward()
+        grads[name, dtype] = x.grad.double()
+    exact = grads["torch", torch.float64]
+    err = (grads[backend, torch.float32] - exact).norm() / exact.norm()
+    err_reference = (grads["torch", torch.float32] - exact).norm() / exact.norm()
+    assert err <= 2 * err_reference + 1e-6, (float(err), float(err_reference))

@@ -6,7 +6,8 @@
   the distributed modes in between).
 - ``ltkd_kernels::grouped_kl_loss_backward(grad_loss, ..., state, extras, saved, ...) -> grad``:
   one kernel, the closed-form gradient with respect to the student logits.
-- ``ltkd_kernels::group_logsumexp(logits, groups, num_groups, temperature, backend)``.
+- ``ltkd_kernels::group_logsumexp(logits, groups, num_groups, temperature, backend)``:
+  ``(lse, ref(m), log s)``.
 
 The CPU kernel is the C++ extension (``backend="cpu"`` or ``"auto"``) or, under
 ``TRITON_INTERPRET=1``, the Triton kernels (``backend="triton"``, for testing); the CUDA kernel
@@ -51,7 +52,7 @@ _LIB.define(f"grouped_kl_loss({_TENSOR_SCHEMA}, Tensor? num_items_tensor, {_CONF
 _LIB.define(f"grouped_kl_loss_backward(Tensor grad_loss, {_TENSOR_SCHEMA}, Tensor state, "
             f"Tensor extras, Tensor saved, {_CONFIG_SCHEMA}, str backend) -> Tensor")
 _LIB.define("group_logsumexp(Tensor logits, Tensor groups, int num_groups, float temperature, "
-            "str backend) -> Tensor")
+            "str backend) -> (Tensor, Tensor, Tensor)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,16 +291,21 @@ class GroupedKLLoss(torch.autograd.Function):
 # group_logsumexp: the student slots of the states, lse_k = ref(m_k) + log s_k.
 
 def _group_logsumexp_impl(logits, groups, num_groups, temperature, backend):
+    """``(lse, ref(m), log s)``, each ``(N, G)`` float32: the backward takes the last two
+    (``exp((b - ref(m)) - log s)`` is exact to float32 at any ``|lse|``; from the rounded
+    ``lse``, ``exp(b - lse)`` is off by ``|lse| * 6e-8`` relative)."""
     from .config import GROUP_CLASS
 
     ops = kernel_module(backend, logits.device)
     cfg = GroupedKLConfig(num_groups=num_groups, temperature=temperature, group_rule=GROUP_CLASS)
     state, _ = ops.states(logits, None, None, None, groups, None, None, None, cfg)
-    return grouped_kl_torch.ref(state[:, 0]) + torch.log(state[:, 1])
+    reference, log_sum = grouped_kl_torch.ref(state[:, 0]), torch.log(state[:, 1])
+    return reference + log_sum, reference, log_sum
 
 
 def _group_logsumexp_fake(logits, groups, num_groups, temperature, backend):
-    return logits.new_empty((logits.shape[0], num_groups), dtype=torch.float32)
+    return tuple(logits.new_empty((logits.shape[0], num_groups), dtype=torch.float32)
+                 for _ in range(3))
 
 
 for _key in ("CPU", "CUDA"):
@@ -312,19 +318,23 @@ class GroupLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, groups, num_groups, temperature, backend):
-        lse = torch.ops.ltkd_kernels.group_logsumexp(logits, groups, num_groups, temperature, backend)
-        ctx.save_for_backward(logits, groups, lse)
+        lse, reference, log_sum = torch.ops.ltkd_kernels.group_logsumexp(
+            logits, groups, num_groups, temperature, backend)
+        ctx.save_for_backward(logits, groups, reference, log_sum)
+        ctx.mark_non_differentiable(reference, log_sum)
         ctx.temperature = temperature
-        return lse
+        return lse, reference, log_sum
 
     @staticmethod
-    def backward(ctx, grad_lse):
-        logits, groups, lse = ctx.saved_tensors
-        index = groups.long().clamp(0, lse.shape[1] - 1).unsqueeze(0).expand(logits.shape[0], -1)
+    def backward(ctx, grad_lse, _grad_reference, _grad_log_sum):
+        logits, groups, reference, log_sum = ctx.saved_tensors
+        index = groups.long().clamp(0, log_sum.shape[1] - 1).unsqueeze(0).expand(logits.shape[0], -1)
         # b as the kernels form it (times 1 / T in float32, not divided by T: 1 ulp apart,
-        # which at |z / T| ~ 2e5 moved a one-class group's exp(b - lse) from 1 to 1.016)
+        # which at |z / T| ~ 2e5 moved a one-class group's exp(b - lse) from 1 to 1.016), and
+        # taken from the group's reference before its log-sum (b - ref(m) is exact near the
+        # maximum: no rounding of lse, of |lse| * 6e-8, enters the probabilities)
         b = logits.float() * (1.0 / ctx.temperature)
-        within = torch.exp(b - lse.gather(1, index))
+        within = torch.exp((b - reference.gather(1, index)) - log_sum.gather(1, index))
         within = torch.where(b == float("-inf"), torch.zeros_like(within), within)
         grad = grad_lse.float().gather(1, index) * within / ctx.temperature
         return grad.to(logits.dtype), None, None, None, None
@@ -359,4 +369,4 @@ def grouped_kl_loss(student: Tensor, teacher: Optional[Tensor], topk_indices: Op
 
 def group_logsumexp(logits: Tensor, groups: Tensor, num_groups: int, temperature: float,
                     backend: str) -> Tensor:
-    return GroupLogSumExp.apply(logits, groups, num_groups, temperature, backend)
+    return GroupLogSumExp.apply(logits, groups, num_groups, temperature, backend)[0]
