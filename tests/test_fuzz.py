@@ -282,7 +282,10 @@ def _check_logsumexp(p, backend):
     assert bool(((lse - lse64)[finite].abs() <= bound).all()), (lse, lse64)
     rel = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[p["logits"].dtype]
     error, error32 = (grad - grad64).norm(), (grad32 - grad64).norm()
-    assert error <= 2 * error32 + rel * grad64.norm() + 1e-12, \
+    floor = 1e-12
+    if p["logits"].dtype == torch.float16:  # the gradient is stored in float16: its
+        floor += 3e-8 * math.sqrt(grad.numel())  # subnormals are spaced 6e-8 apart
+    assert error <= 2 * error32 + rel * grad64.norm() + floor, \
         f"gradient error {error:.3g} (fp32 reference {error32:.3g}, norm {grad64.norm():.3g})"
 
 
