@@ -4,7 +4,8 @@ Hypothesis draws random shapes, groups (up to 40, empty ones included, in six la
 at random, ranges ascending or descending, ``c % G``, runs), temperatures 0.05-20, logit
 scales up to 1e3, confident teachers (gaps up to 200 below the head), masks, sample weights,
 targets with ignore_index rows, top-k teachers, dtypes and non-contiguous layouts; Triton runs
-also draw the V-slices per row (forced splits) and the states walk (forced walks). The oracle
+also draw the V-slices per row (forced splits) and the states walk (forced walks); and
+``group_logsumexp`` with its gradient, the same way. The oracle
 is :mod:`ltkd_kernels.reference` in float64; the tolerance is the dtype's own: a backend may
 be off from float64 by twice what the float32 reference is, plus 1e-5 relative (STYLE's rule
 ``|kernel - ref64| <= |torch_same_dtype - ref64| + tol``).
@@ -293,7 +294,7 @@ def _check_logsumexp(p, backend):
 @settings(max_examples=EXAMPLES, **_SETTINGS)
 @given(problem=logsumexp_problems())
 def test_fuzz_group_logsumexp_against_float64(problem, backend):
-    """``group_logsumexp`` and its gradient (a fuzz of it found regression 9)."""
+    """``group_logsumexp`` and its gradient (a fuzz of it found regressions 9 and 10)."""
     _check_logsumexp(problem, backend)
 
 
