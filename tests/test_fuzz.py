@@ -1,6 +1,6 @@
 """Differential fuzzing: every loss on every backend against the reference in float64.
 
-Hypothesis draws random shapes, groups (up to 40, empty ones included, in six layouts: drawn
+Hypothesis draws random shapes, groups (up to 40, empty ones included, in five layouts: drawn
 at random, ranges ascending or descending, ``c % G``, runs), temperatures 0.05-20, logit
 scales up to 1e3, confident teachers (gaps up to 200 below the head), masks, sample weights,
 targets with ignore_index rows, top-k teachers, dtypes and non-contiguous layouts; Triton runs
