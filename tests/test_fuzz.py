@@ -140,18 +140,24 @@ def _topk(p):
                           full.group_logmass)
 
 
+def _forced(problem, backend):
+    """On Triton, the problem's drawn V-slices per row and states walk, forced; elsewhere
+    nothing."""
+    forced = contextlib.ExitStack()
+    if backend == "triton":
+        from ltkd_kernels.triton import grouped_kl as triton_ops
+        forced.enter_context(triton_ops.forced_splits(problem["splits"]))
+        forced.enter_context(triton_ops.forced_walk(problem["walk"]))
+    return forced
+
+
 def _run(problem, backend, dtype=None):
     student = problem["student"] if dtype is None else problem["student"].to(dtype)
     teacher = problem["teacher"] if dtype is None else problem["teacher"].to(dtype)
     if problem["strided"] and dtype is None:
         student = torch.cat([student, student], -1)[:, : student.shape[-1]]  # row stride 2V
     s = student.detach().clone().requires_grad_() if not problem["strided"] else student.detach().requires_grad_()
-    forced = contextlib.ExitStack()
-    if backend == "triton":  # the drawn V-slices per row and states walk
-        from ltkd_kernels.triton import grouped_kl as triton_ops
-        forced.enter_context(triton_ops.forced_splits(problem["splits"]))
-        forced.enter_context(triton_ops.forced_walk(problem["walk"]))
-    with forced:
+    with _forced(problem, backend):
         out = _call(problem, s, teacher, backend)
         out.sum().backward() if out.dim() else out.backward()
     return out.detach().double(), s.grad.double()
@@ -258,12 +264,7 @@ def logsumexp_problems(draw, max_rows=5, max_vocab=400):
 
 def _logsumexp_run(p, backend, dtype=None):
     logits = (p["logits"] if dtype is None else p["logits"].to(dtype)).clone().requires_grad_()
-    forced = contextlib.ExitStack()
-    if backend == "triton":
-        from ltkd_kernels.triton import grouped_kl as triton_ops
-        forced.enter_context(triton_ops.forced_splits(p["splits"]))
-        forced.enter_context(triton_ops.forced_walk(p["walk"]))
-    with forced:
+    with _forced(p, backend):
         lse = lk.group_logsumexp(logits, p["groups"], p["num_groups"],
                                  temperature=p["temperature"], backend=backend)
         upstream = torch.where(torch.isfinite(lse), p["upstream"].to(lse.dtype), 0.0)
