@@ -62,7 +62,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import ContextManager, Dict, Iterator, List, Optional
 
 import torch
 import triton
@@ -128,43 +128,36 @@ stages_override: Optional[int] = None
 
 
 @contextlib.contextmanager
-def forced_splits(count: Optional[int]) -> Iterator[None]:
-    """``with forced_splits(3): ...`` splits every row into (up to) 3 V-slices."""
-    global split_override
-    previous, split_override = split_override, count
+def _overridden(setting: str, value) -> Iterator[None]:
+    """This module's ``setting`` set to ``value`` inside the block, restored after it."""
+    previous = globals()[setting]
+    globals()[setting] = value
     try:
         yield
     finally:
-        split_override = previous
+        globals()[setting] = previous
 
 
-@contextlib.contextmanager
-def forced_walk(name: Optional[str]) -> Iterator[None]:
+def forced_splits(count: Optional[int]) -> ContextManager[None]:
+    """``with forced_splits(3): ...`` splits every row into (up to) 3 V-slices."""
+    return _overridden("split_override", count)
+
+
+def forced_walk(name: Optional[str]) -> ContextManager[None]:
     """``with forced_walk("ordered"): ...`` walks every CLASS-rule row group by group,
     gathering through the class order (built on the spot when none is attached);
     ``"ranges"`` the same, taking each group as one range of classes read densely (groups
     that are not ranges give NaN rows, by the walk's id check); ``"windows"`` the window
     walk (its plan made on the spot when none is attached; where the walk does not apply,
     the CLASS walk); ``"class"`` never walks group by group."""
-    global walk_override
-    previous, walk_override = walk_override, name
-    try:
-        yield
-    finally:
-        walk_override = previous
+    return _overridden("walk_override", name)
 
 
-@contextlib.contextmanager
-def forced_stages(count: Optional[int]) -> Iterator[None]:
+def forced_stages(count: Optional[int]) -> ContextManager[None]:
     """``with forced_stages(3): ...`` software-pipelines the unmasked loops of the states and
     grad kernels over 3 stages (the loads of the next two blocks in flight while one is
     summed). The interpreter runs the same loops (it ignores the stages)."""
-    global stages_override
-    previous, stages_override = stages_override, count
-    try:
-        yield
-    finally:
-        stages_override = previous
+    return _overridden("stages_override", count)
 
 
 def _staged(meta: Dict) -> Dict:
