@@ -575,9 +575,9 @@ def _judge(row):
     row["reg_budget"] = budget_regs
     if row["regs"] > budget_regs:
         problems.append(f"{row['regs']} registers > {budget_regs}")
-    if row["launch_shared"] > SHARED_BUDGET.get(row["arch"], SHARED_BUDGET[80]):
-        problems.append(f"{row['launch_shared']} B of shared memory > "
-                        f"{SHARED_BUDGET.get(row['arch'], SHARED_BUDGET[80])}")
+    budget_shared = SHARED_BUDGET.get(row["arch"], SHARED_BUDGET[80])
+    if row["launch_shared"] > budget_shared:
+        problems.append(f"{row['launch_shared']} B of shared memory > {budget_shared}")
     known_spill = next((why for (kernel, arch, fragment), why in KNOWN_SPILLS.items()
                         if row["kernel"] == kernel and row["arch"] == arch
                         and fragment in row["config"] + " "), None)
