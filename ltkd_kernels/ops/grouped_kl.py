@@ -322,11 +322,14 @@ class GroupLogSumExp(torch.autograd.Function):
             logits, groups, num_groups, temperature, backend)
         ctx.save_for_backward(logits, groups, reference, log_sum)
         ctx.mark_non_differentiable(reference, log_sum)
+        ctx.set_materialize_grads(False)  # (no zero-filled gradients of those two: launches)
         ctx.temperature = temperature
         return lse, reference, log_sum
 
     @staticmethod
     def backward(ctx, grad_lse, _grad_reference, _grad_log_sum):
+        if grad_lse is None:  # (gradients are not materialized: none reached lse)
+            return None, None, None, None, None
         logits, groups, reference, log_sum = ctx.saved_tensors
         index = groups.long().clamp(0, log_sum.shape[1] - 1).unsqueeze(0).expand(logits.shape[0], -1)
         # b as the kernels form it (times 1 / T in float32, not divided by T: 1 ulp apart,
