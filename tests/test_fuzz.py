@@ -7,7 +7,7 @@ targets with ignore_index rows, top-k teachers, dtypes and non-contiguous layout
 also draw the V-slices per row (forced splits) and the states walk (forced walks); and
 ``group_logsumexp`` with its gradient, the same way. The oracle
 is :mod:`ltkd_kernels.reference` in float64; the tolerance is the dtype's own: a backend may
-be off from float64 by twice what the float32 reference is, plus 1e-5 relative (STYLE's rule
+be off from float64 by twice what the float32 reference is, plus 1e-5 relative (the rule
 ``|kernel - ref64| <= |torch_same_dtype - ref64| + tol``).
 
 Profiles (tests/conftest.py): ``ci`` (the default: a fixed seed, a few hundred examples in
